@@ -1,0 +1,307 @@
+"""Typed run configuration: YAML files -> dataclasses, validated before any work starts.
+
+A YAML file may name a `base:` file (path relative to itself) whose values it overrides.
+Every error names the file and the dotted key at fault.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+# DiT sizes (depth, hidden size, heads) from Peebles & Xie, "Scalable Diffusion Models with Transformers".
+MODEL_SIZES = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    size: Optional[Literal["S", "B", "L", "XL"]] = None  # fills depth/hidden_size/num_heads left unset
+    depth: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: float = 4.0
+    patch_size: int = 2
+    input_size: int = 32  # latent height = width
+    in_channels: int = 4
+    num_classes: int = 1000
+    class_dropout: float = 0.1
+    learn_sigma: bool = True
+
+
+@dataclass
+class MoEConfig:
+    ffn: Literal["dense", "token_choice", "expert_choice", "diffmoe"] = "diffmoe"
+    num_experts: int = 8
+    interleave: bool = True  # MoE in blocks 1, 3, 5, ...; dense elsewhere
+    capacity: float = 1.0  # expert_choice / diffmoe: tokens per expert = int(pool / E * capacity)
+    pool: Optional[Literal["local", "ep_group", "sample"]] = None  # default: sample for expert_choice, else local
+    shared_expert: bool = False
+    predictor_loss_weight: float = 1.0
+    threshold_ema: float = 0.95
+    inference_routing: Literal["threshold", "batch_independent", "capacity"] = "threshold"
+    top_k: int = 2  # token_choice
+    capacity_factor: float = 0.0  # token_choice; 0 = no capacity limit (no dropped tokens)
+    balance_loss_weight: float = 0.01  # token_choice
+
+
+@dataclass
+class DiffusionConfig:
+    objective: Literal["flow", "ddpm"] = "flow"
+    num_timesteps: int = 1000  # ddpm
+    beta_start: float = 1e-4  # ddpm, linear schedule
+    beta_end: float = 0.02
+
+
+@dataclass
+class SampleConfig:
+    sampler: Optional[Literal["euler", "heun", "ancestral", "ddim"]] = None  # default: euler / ancestral
+    steps: int = 50
+    cfg_scale: float = 1.5
+    per_class: int = 8  # the end-of-run PNG grid: one row per class
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["digits"] = "digits"
+    hflip: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 0.0  # 0 = off
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 256
+    max_steps: int = 1000
+    out_dir: str = "runs/default"
+    seed: int = 0
+    ema_decay: float = 0.9999
+
+
+@dataclass
+class ParallelConfig:
+    ep: int = 1
+    tp: int = 1
+    zero_stage: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 10
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read `path` (following `base:` links), apply `section.key=value` overrides, validate."""
+    path = Path(path)
+    raw = _read_yaml_with_bases(path, seen=())
+    for override in overrides:
+        _apply_override(raw, override)
+    config = _build(Config, raw, source=str(path), prefix="")
+    _resolve_and_validate(config, source=str(path))
+    return config
+
+
+def _read_yaml_with_bases(path: Path, seen: tuple[Path, ...]) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' links form a cycle")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    merged = _read_yaml_with_bases(path.parent / base, seen + (path.resolve(),))
+    _deep_update(merged, raw)
+    return merged
+
+
+def _deep_update(target: dict, updates: dict) -> None:
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_update(target[key], value)
+        else:
+            target[key] = value
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    key, sep, value_text = override.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {override!r}: expected section.key=value")
+    section, name = parts
+    if not isinstance(raw.setdefault(section, {}), dict):
+        raise ConfigError(f"--set {override!r}: section {section!r} is not a mapping")
+    raw[section][name] = yaml.safe_load(value_text) if value_text.strip() else None
+
+
+def _build(cls, raw, source: str, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, source, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(value, hint, source, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(value, hint, source: str, key: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, source, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {key} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{source}: {key} must be a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, a, source, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{source}: {key} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-field resolution and validation
+
+
+def _resolve_and_validate(config: Config, source: str) -> None:
+    def fail(key: str, message: str):
+        raise ConfigError(f"{source}: {key}: {message}")
+
+    def require(condition: bool, key: str, message: str):
+        if not condition:
+            fail(key, message)
+
+    model, moe = config.model, config.moe
+    if model.size is not None:
+        depth, hidden, heads = MODEL_SIZES[model.size]
+        model.depth = depth if model.depth is None else model.depth
+        model.hidden_size = hidden if model.hidden_size is None else model.hidden_size
+        model.num_heads = heads if model.num_heads is None else model.num_heads
+    for key in ("depth", "hidden_size", "num_heads"):
+        require(getattr(model, key) is not None, f"model.{key}", "not set (give it, or model.size)")
+        require(getattr(model, key) > 0, f"model.{key}", "must be positive")
+    require(model.hidden_size % model.num_heads == 0, "model.num_heads",
+            f"must divide model.hidden_size={model.hidden_size}")
+    require(model.patch_size > 0 and model.input_size % model.patch_size == 0, "model.patch_size",
+            f"must divide model.input_size={model.input_size}")
+    require(0.0 <= model.class_dropout < 1.0, "model.class_dropout", "must be in [0, 1)")
+    require(model.mlp_ratio > 0, "model.mlp_ratio", "must be positive")
+
+    if moe.pool is None:
+        moe.pool = "sample" if moe.ffn == "expert_choice" else "local"
+    if moe.ffn != "dense":
+        require(moe.num_experts >= 1, "moe.num_experts", "must be at least 1")
+        require(moe.num_experts % config.parallel.ep == 0, "moe.num_experts",
+                f"{moe.num_experts} experts cannot be split evenly over parallel.ep={config.parallel.ep}")
+    require(moe.capacity > 0, "moe.capacity", "must be positive")
+    require(0.0 <= moe.threshold_ema < 1.0, "moe.threshold_ema", "must be in [0, 1)")
+    require(moe.predictor_loss_weight >= 0, "moe.predictor_loss_weight", "must be >= 0")
+    if moe.ffn == "expert_choice":
+        require(moe.pool == "sample", "moe.pool", "expert_choice routes within each sample: pool must be 'sample'")
+    if moe.ffn == "diffmoe":
+        require(moe.pool != "sample", "moe.pool", "a per-sample pool is the expert_choice baseline (moe.ffn)")
+        require(moe.pool != "ep_group", "moe.pool", "ep_group needs the expert-parallel dispatch, not built yet")
+    if moe.ffn == "token_choice":
+        require(1 <= moe.top_k <= moe.num_experts, "moe.top_k", f"must be in [1, moe.num_experts={moe.num_experts}]")
+        require(moe.capacity_factor >= 0, "moe.capacity_factor", "must be >= 0 (0 = unlimited)")
+
+    diffusion, sample = config.diffusion, config.sample
+    if sample.sampler is None:
+        sample.sampler = "euler" if diffusion.objective == "flow" else "ancestral"
+    allowed = ("euler", "heun") if diffusion.objective == "flow" else ("ancestral", "ddim")
+    require(sample.sampler in allowed, "sample.sampler",
+            f"{sample.sampler!r} does not fit diffusion.objective={diffusion.objective!r} (use one of {list(allowed)})")
+    require(sample.steps >= 1, "sample.steps", "must be at least 1")
+    require(sample.per_class >= 1, "sample.per_class", "must be at least 1")
+    if diffusion.objective == "ddpm":
+        require(diffusion.num_timesteps >= 2, "diffusion.num_timesteps", "must be at least 2")
+        require(sample.steps <= diffusion.num_timesteps, "sample.steps",
+                f"cannot exceed diffusion.num_timesteps={diffusion.num_timesteps}")
+        require(0 < diffusion.beta_start < diffusion.beta_end < 1, "diffusion.beta_start",
+                "need 0 < beta_start < beta_end < 1")
+
+    train, optim, parallel = config.train, config.optim, config.parallel
+    require(train.max_steps >= 1, "train.max_steps", "must be at least 1")
+    require(train.global_batch_size >= 1, "train.global_batch_size", "must be at least 1")
+    require(0.0 <= train.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
+    require(optim.lr > 0, "optim.lr", "must be positive")
+    require(all(0 <= b < 1 for b in optim.betas), "optim.betas", "each must be in [0, 1)")
+    require(optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    require(optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
+    require(config.logging.every_steps >= 1, "logging.every_steps", "must be at least 1")
+    require(parallel.ep >= 1, "parallel.ep", "must be at least 1")
+    require(parallel.tp >= 1, "parallel.tp", "must be at least 1")
+    require(parallel.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")
+    if parallel.zero_stage == 3 and moe.ffn != "dense":
+        fail("parallel.zero_stage", "ZeRO-3 does not support MoE layers; use stage 0, 1 or 2")
+    if config.data.dataset == "digits":
+        require(model.input_size == 8 and model.in_channels == 1, "model.input_size",
+                "the digits dataset is 8x8 with 1 channel: set model.input_size=8, model.in_channels=1")
+        require(model.num_classes == 10, "model.num_classes", "the digits dataset has 10 classes")
+
+
+def dump_config(config: Config, path: str | Path) -> None:
+    data = config.to_dict()
+    data["optim"]["betas"] = list(data["optim"]["betas"])
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))

@@ -1,0 +1,1 @@
+"""Process groups, launcher discovery and the DeepSpeed engine configuration."""

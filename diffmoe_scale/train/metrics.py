@@ -1,0 +1,38 @@
+"""Metrics: one JSON object per logged step in metrics.jsonl, and a progress line on stdout."""
+import json
+import time
+from pathlib import Path
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class MetricsLog:
+    def __init__(self, path: Path, max_steps: int, enabled: bool):
+        self.path = path
+        self.max_steps = max_steps
+        self.enabled = enabled
+        self.start = time.perf_counter()
+        self.file = open(path, "a") if enabled else None
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        step = record["step"]
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / max(step, 1) * (self.max_steps - step)
+        extras = "".join(f" | {k} {record[k]:.4f}" for k in ("predictor_loss", "balance_loss", "vb_loss") if k in record)
+        print(
+            f"step {step}/{self.max_steps} | loss {record['loss']:.4f}{extras} | c_avg {record['c_avg']:.2f}"
+            f" | {record['images_per_s']:.0f} img/s | elapsed {format_duration(elapsed)} | eta {format_duration(eta)}",
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()

@@ -1,0 +1,44 @@
+#!/usr/bin/env python
+"""Train a DiffMoE (or dense / token-choice / expert-choice) diffusion transformer.
+
+    python pretrain_diffmoe.py --config configs/digits_diffmoe_e4_flow.yaml [--set train.max_steps=200 ...]
+"""
+import argparse
+import sys
+
+from diffmoe_scale.config import ConfigError, load_config
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Train a DiffMoE diffusion transformer with DeepSpeed (one entry point for every launcher).",
+        epilog="Example: python pretrain_diffmoe.py --config configs/digits_diffmoe_e4_flow.yaml "
+        "--set train.max_steps=200 --set train.out_dir=runs/try",
+    )
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/ and README's config reference)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (YAML syntax for the value); repeatable")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    # Heavy imports only once the config is known to be good.
+    from diffmoe_scale.parallel.runtime import init_runtime, shutdown_runtime
+    from diffmoe_scale.train.trainer import Trainer
+
+    runtime = init_runtime()
+    try:
+        return Trainer(config, runtime).train()
+    finally:
+        shutdown_runtime()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
