@@ -36,6 +36,9 @@ def main(argv=None) -> int:
     runtime = init_runtime()
     try:
         return Trainer(config, runtime).train()
+    except ConfigError as err:  # raised by parts that check the config against what this build has
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     finally:
         shutdown_runtime()
 

@@ -77,7 +77,8 @@ class SampleConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["digits"] = "digits"
+    dataset: Literal["digits", "latents"] = "digits"
+    path: Optional[str] = None  # latents: directory of latent shards and their index
     hflip: bool = False
 
 
@@ -136,7 +137,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     path = Path(path)
     raw = _read_yaml_with_bases(path, seen=())
     for override in overrides:
-        _apply_override(raw, override)
+        _apply_override(raw, override, source=str(path))
     config = _build(Config, raw, source=str(path), prefix="")
     _resolve_and_validate(config, source=str(path))
     return config
@@ -156,6 +157,10 @@ def _read_yaml_with_bases(path: Path, seen: tuple[Path, ...]) -> dict:
     base = raw.pop("base", None)
     if base is None:
         return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be a file path, got {base!r}")
+    if not (path.parent / base).is_file():
+        raise ConfigError(f"{path}: base file {path.parent / base} not found")
     merged = _read_yaml_with_bases(path.parent / base, seen + (path.resolve(),))
     _deep_update(merged, raw)
     return merged
@@ -169,15 +174,18 @@ def _deep_update(target: dict, updates: dict) -> None:
             target[key] = value
 
 
-def _apply_override(raw: dict, override: str) -> None:
+def _apply_override(raw: dict, override: str, source: str) -> None:
     key, sep, value_text = override.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):
-        raise ConfigError(f"--set {override!r}: expected section.key=value")
+        raise ConfigError(f"{source}: --set {override!r}: expected section.key=value")
     section, name = parts
     if not isinstance(raw.setdefault(section, {}), dict):
-        raise ConfigError(f"--set {override!r}: section {section!r} is not a mapping")
-    raw[section][name] = yaml.safe_load(value_text) if value_text.strip() else None
+        raise ConfigError(f"{source}: --set {override!r}: section {section!r} is not a mapping")
+    try:
+        raw[section][name] = yaml.safe_load(value_text) if value_text.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: --set {override!r}: value is not valid YAML: {err}") from None
 
 
 def _build(cls, raw, source: str, prefix: str):
@@ -213,8 +221,11 @@ def _coerce(value, hint, source: str, key: str):
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{source}: {key} must be a list of {len(args)} numbers, got {value!r}")
         return tuple(_coerce(v, a, source, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML reads 1e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
         raise ConfigError(f"{source}: {key} must be {hint.__name__}, got {value!r}")
     return value
@@ -232,7 +243,9 @@ def _resolve_and_validate(config: Config, source: str) -> None:
         if not condition:
             fail(key, message)
 
-    model, moe = config.model, config.moe
+    model, moe, parallel = config.model, config.moe, config.parallel
+    require(parallel.ep >= 1, "parallel.ep", "must be at least 1")
+    require(parallel.tp >= 1, "parallel.tp", "must be at least 1")
     if model.size is not None:
         depth, hidden, heads = MODEL_SIZES[model.size]
         model.depth = depth if model.depth is None else model.depth
@@ -240,7 +253,9 @@ def _resolve_and_validate(config: Config, source: str) -> None:
         model.num_heads = heads if model.num_heads is None else model.num_heads
     for key in ("depth", "hidden_size", "num_heads"):
         require(getattr(model, key) is not None, f"model.{key}", "not set (give it, or model.size)")
+    for key in ("depth", "hidden_size", "num_heads", "input_size", "in_channels", "num_classes"):
         require(getattr(model, key) > 0, f"model.{key}", "must be positive")
+    require(model.hidden_size % 4 == 0, "model.hidden_size", "must be a multiple of 4 (2-D sin-cos position embedding)")
     require(model.hidden_size % model.num_heads == 0, "model.num_heads",
             f"must divide model.hidden_size={model.hidden_size}")
     require(model.patch_size > 0 and model.input_size % model.patch_size == 0, "model.patch_size",
@@ -254,7 +269,7 @@ def _resolve_and_validate(config: Config, source: str) -> None:
         require(moe.num_experts >= 1, "moe.num_experts", "must be at least 1")
         require(moe.num_experts % config.parallel.ep == 0, "moe.num_experts",
                 f"{moe.num_experts} experts cannot be split evenly over parallel.ep={config.parallel.ep}")
-    require(moe.capacity > 0, "moe.capacity", "must be positive")
+    require(0 < moe.capacity < float("inf"), "moe.capacity", "must be positive and finite")
     require(0.0 <= moe.threshold_ema < 1.0, "moe.threshold_ema", "must be in [0, 1)")
     require(moe.predictor_loss_weight >= 0, "moe.predictor_loss_weight", "must be >= 0")
     if moe.ffn == "expert_choice":
@@ -281,7 +296,7 @@ def _resolve_and_validate(config: Config, source: str) -> None:
         require(0 < diffusion.beta_start < diffusion.beta_end < 1, "diffusion.beta_start",
                 "need 0 < beta_start < beta_end < 1")
 
-    train, optim, parallel = config.train, config.optim, config.parallel
+    train, optim = config.train, config.optim
     require(train.max_steps >= 1, "train.max_steps", "must be at least 1")
     require(train.global_batch_size >= 1, "train.global_batch_size", "must be at least 1")
     require(0.0 <= train.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
@@ -290,11 +305,11 @@ def _resolve_and_validate(config: Config, source: str) -> None:
     require(optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     require(optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
     require(config.logging.every_steps >= 1, "logging.every_steps", "must be at least 1")
-    require(parallel.ep >= 1, "parallel.ep", "must be at least 1")
-    require(parallel.tp >= 1, "parallel.tp", "must be at least 1")
     require(parallel.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")
     if parallel.zero_stage == 3 and moe.ffn != "dense":
         fail("parallel.zero_stage", "ZeRO-3 does not support MoE layers; use stage 0, 1 or 2")
+    if config.data.dataset == "latents":
+        require(config.data.path is not None, "data.path", "the latents dataset needs the directory of its shards")
     if config.data.dataset == "digits":
         require(model.input_size == 8 and model.in_channels == 1, "model.input_size",
                 "the digits dataset is 8x8 with 1 channel: set model.input_size=8, model.in_channels=1")

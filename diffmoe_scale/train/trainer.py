@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, dump_config
-from ..data import DigitsDataset, ShuffledBatchSampler
+from ..data import ShuffledBatchSampler, build_dataset
 from ..diffusion import build_objective
 from ..models import build_model
 from ..parallel.engine import build_engine
@@ -61,12 +61,12 @@ class Trainer:
         self.config = config
         self.runtime = runtime
         self.out_dir = Path(config.train.out_dir)
+        self.dataset = build_dataset(config)
         torch.manual_seed(config.train.seed)
         self.model = build_model(config).to(runtime.device)
         self.objective = build_objective(config)
         self.engine, self.optimizer, self.scheduler = build_engine(config, self.model, runtime.world_size)
         self.ema = EMA(self.model, config.train.ema_decay)
-        self.dataset = DigitsDataset(hflip=config.data.hflip)
         self.sampler = ShuffledBatchSampler(
             len(self.dataset), config.train.global_batch_size, config.train.seed, runtime.rank, runtime.world_size
         )

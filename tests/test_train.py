@@ -1,0 +1,107 @@
+"""The trainer end to end: every FFN kind learns on digits; the README command writes its outputs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from diffmoe_scale.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS_CONFIGS = {
+    "dense": "configs/digits_dense_flow.yaml",
+    "token_choice": "configs/digits_token_choice_e4_flow.yaml",
+    "expert_choice": "configs/digits_expert_choice_e4_flow.yaml",
+    "diffmoe": "configs/digits_diffmoe_e4_flow.yaml",
+    "diffmoe_ddpm": "configs/digits_diffmoe_e4_ddpm.yaml",
+}
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    from diffmoe_scale.parallel.runtime import init_runtime
+
+    return init_runtime()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", DIGITS_CONFIGS)
+def test_each_ffn_kind_learns_digits(kind, runtime, tmp_path):
+    from diffmoe_scale.train.trainer import Trainer
+
+    steps = 60
+    config = load_config(REPO / DIGITS_CONFIGS[kind], [
+        f"train.max_steps={steps}", "logging.every_steps=1", f"train.out_dir={tmp_path}",
+        "train.global_batch_size=64", "sample.steps=4", "sample.per_class=1",
+    ])
+    assert Trainer(config, runtime).train() == 0
+    losses = [record["loss"] for record in read_metrics(tmp_path)]
+    assert len(losses) == steps
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.8 * first, f"{kind}: loss did not fall: first 10 steps {first:.3f}, last 10 {last:.3f}"
+    assert (tmp_path / "samples.png").is_file()
+
+
+def run_cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "pretrain_diffmoe.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, **kwargs)
+
+
+@pytest.mark.slow
+def test_readme_default_command_writes_metrics_config_and_samples(tmp_path):
+    result = run_cli("--config", "configs/digits_diffmoe_e4_flow.yaml", "--set", "train.max_steps=20",
+                     "--set", "logging.every_steps=10", "--set", f"train.out_dir={tmp_path}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "step 20/20" in result.stdout
+
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [10, 20]
+    for key in ("step", "loss", "lr", "grad_norm", "c_avg", "images_per_s", "tokens_per_s", "predictor_loss",
+                "capacity", "peak_memory_mb"):
+        assert key in records[-1], key
+    assert records[-1]["grad_norm"] > 0
+    assert len(records[-1]["capacity"]) == 3 and len(records[-1]["capacity"][0]) == 4  # 3 MoE layers x 4 experts
+
+    resolved = load_config(tmp_path / "config.yaml")
+    assert resolved.train.max_steps == 20 and resolved.moe.pool == "local"
+
+    grid = Image.open(tmp_path / "samples.png")
+    per_class = resolved.sample.per_class
+    assert grid.size[1] > grid.size[0] / per_class * 10 * 0.9  # one row per class: 10 rows
+    assert len(set(grid.getdata())) > 10  # not a blank image
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_at_a_step_boundary_and_keeps_metrics(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "pretrain_diffmoe.py", "--config", "configs/digits_diffmoe_e4_flow.yaml",
+         "--set", "train.max_steps=100000", "--set", "logging.every_steps=5", "--set", f"train.out_dir={tmp_path}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output[-3000:]
+    assert "interrupted at step" in output
+    assert "Traceback" not in output
+    assert all(json.loads(line)["step"] % 5 == 0 for line in metrics.read_text().splitlines())
+
+
+def test_unavailable_dataset_is_a_config_error_before_training(tmp_path):
+    result = run_cli("--config", "configs/digits_diffmoe_e4_flow.yaml", "--set", "data.dataset=latents",
+                     "--set", "data.path=/nonexistent", "--set", f"train.out_dir={tmp_path}")
+    assert result.returncode == 2
+    assert "config error" in result.stderr and "data.dataset" in result.stderr
