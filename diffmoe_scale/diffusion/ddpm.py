@@ -35,7 +35,10 @@ class GaussianSchedule:
     def respaced(self, steps: int) -> "GaussianSchedule":
         """`steps` evenly spaced timesteps of this schedule, with betas that keep their alphas_cumprod."""
         total = len(self.betas)
-        keep = sorted({round(i * (total - 1) / max(steps - 1, 1)) for i in range(steps)})
+        if steps == 1:  # a single step must start from pure noise
+            keep = [total - 1]
+        else:
+            keep = sorted({round(i * (total - 1) / (steps - 1)) for i in range(steps)})
         kept_cumprod = self.alphas_cumprod[keep]
         prev = torch.cat([torch.ones(1, dtype=torch.float64), kept_cumprod[:-1]])
         return GaussianSchedule(1.0 - kept_cumprod / prev, self.timesteps[keep])

@@ -32,6 +32,8 @@ class DiffMoELayer(RoutedFFN):
         super().__init__(dim, hidden_dim, num_experts, shared_expert)
         if pool not in ("local", "sample"):
             raise ValueError(f"pool must be 'local' or 'sample', got {pool!r}")
+        if pool == "sample" and use_predictor:
+            raise ValueError("the capacity predictor belongs to the batch pool; pool='sample' is expert choice")
         self.capacity = capacity
         self.pool = pool
         self.threshold_ema = threshold_ema
@@ -45,7 +47,6 @@ class DiffMoELayer(RoutedFFN):
         batch, seq, dim = x.shape
         tokens = x.reshape(-1, dim)
         scores = self.router(tokens).softmax(dim=-1)  # [N, E]
-        predictor_logits = self.predictor(tokens.detach()) if self.predictor is not None else None
         losses = {}
         if self.training or self.inference_routing == "capacity":
             pool_size = seq if self.pool == "sample" else batch * seq
@@ -54,12 +55,13 @@ class DiffMoELayer(RoutedFFN):
             weighted = gates.unsqueeze(-1) * self.experts(tokens[token_idx])  # [E, G*k, D]
             out = torch.zeros_like(tokens).index_add_(0, token_idx.reshape(-1), weighted.reshape(-1, dim))
             mask = torch.zeros_like(scores).scatter_(0, token_idx.T, 1.0)  # [N, E], 1 where expert took token
-            if self.training and predictor_logits is not None:
+            if self.training and self.predictor is not None:
+                predictor_logits = self.predictor(tokens.detach())
                 losses["predictor"] = F.binary_cross_entropy_with_logits(predictor_logits, mask)
                 self._update_thresholds(predictor_logits.detach(), k)
             counts = torch.full((self.num_experts,), token_idx.shape[1], device=x.device)
         else:
-            mask = self.threshold_mask(scores, torch.sigmoid(predictor_logits))
+            mask = self.threshold_mask(scores, torch.sigmoid(self.predictor(tokens)))
             out = self.experts.forward_masked(tokens, mask, scores)
             counts = mask.sum(dim=0)
         return self.finish(x, out.view(batch, seq, dim), counts), losses
@@ -76,7 +78,7 @@ class DiffMoELayer(RoutedFFN):
     @torch.no_grad()
     def _update_thresholds(self, predictor_logits, k: int):
         kth_largest = torch.sigmoid(predictor_logits).topk(k, dim=0).values[-1]  # [E]
-        self.thresholds.mul_(self.threshold_ema).add_((1 - self.threshold_ema) * kth_largest.float())
+        self.thresholds.mul_(self.threshold_ema).add_((1 - self.threshold_ema) * kth_largest)
 
     def threshold_mask(self, scores, predictor_probs):
         """Inference routing from the predictor and the learned thresholds -> [N, E] bool mask."""

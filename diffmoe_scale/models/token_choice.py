@@ -27,7 +27,7 @@ class TokenChoiceLayer(RoutedFFN):
         mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, topk_idx, True)
         losses = {}
         if self.training:
-            assignment_share = mask.float().mean(dim=0) * self.num_experts / self.top_k
+            assignment_share = mask.to(scores.dtype).mean(dim=0) * self.num_experts / self.top_k
             losses["balance"] = (assignment_share * scores.mean(dim=0)).sum()
         if self.capacity_factor > 0:
             mask = self._drop_over_capacity(mask, scores)

@@ -50,6 +50,11 @@ def capacity_stats(model) -> tuple[float, list[list[float]]]:
     return table.mean().item(), table.tolist()
 
 
+def local_grad_norm(model) -> float:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads).item()
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -100,10 +105,14 @@ class Trainer:
         losses = self.objective.training_losses(self.engine, images, labels, generator=self.generator)
         total = sum(self.weights.get(name, 1.0) * value for name, value in losses.items())
         self.engine.backward(total)
+        # ZeRO optimizers report the (pre-clipping) norm after step; without ZeRO, read it from .grad now.
+        grad_norm = None if self.engine.zero_optimization() else local_grad_norm(self.model)
         self.engine.step()
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
         self.ema.update(self.model)
         self.step += 1
-        return {name: value.item() for name, value in losses.items()}
+        return {name: value.item() for name, value in losses.items()}, float(grad_norm)
 
     def train(self) -> int:
         """Runs to train.max_steps; returns the process exit code."""
@@ -114,11 +123,11 @@ class Trainer:
         try:
             window_start, window_steps = time.perf_counter(), 0
             while self.step < config.train.max_steps and not stop.requested:
-                losses = self.train_step()
+                losses, grad_norm = self.train_step()
                 window_steps += 1
                 if self.step % config.logging.every_steps == 0 or self.step == config.train.max_steps:
                     elapsed = time.perf_counter() - window_start
-                    log.log(self.metrics_record(losses, elapsed / window_steps))
+                    log.log(self.metrics_record(losses, grad_norm, elapsed / window_steps))
                     window_start, window_steps = time.perf_counter(), 0
         finally:
             stop.restore()
@@ -130,7 +139,7 @@ class Trainer:
             self.save_samples(self.out_dir / "samples.png")
         return 0
 
-    def metrics_record(self, losses: dict, step_time: float) -> dict:
+    def metrics_record(self, losses: dict, grad_norm: float, step_time: float) -> dict:
         c_avg, capacity = capacity_stats(self.model)
         images_per_s = self.config.train.global_batch_size / step_time
         return {
@@ -138,7 +147,7 @@ class Trainer:
             "loss": losses["diffusion"],
             **{f"{name}_loss": value for name, value in losses.items() if name != "diffusion"},
             "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            "grad_norm": grad_norm,
             "c_avg": c_avg,
             "capacity": capacity,
             "step_time_s": step_time,
