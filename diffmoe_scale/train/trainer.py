@@ -166,9 +166,16 @@ class Trainer:
         size = config.model.input_size
         noise = torch.randn(len(labels), config.model.in_channels, size, size, generator=generator, device=self.runtime.device)
         torch.manual_seed(config.sample.seed)  # ancestral sampling draws from the global RNG
-        images = self.objective.sample(model, noise, labels, steps=config.sample.steps, sampler=config.sample.sampler,
-                                       cfg_scale=config.sample.cfg_scale)
-        c_avg, _ = capacity_stats(model)
+        layer_c_avgs = []  # C_avg of every MoE layer call during sampling
+        hooks = [layer.register_forward_hook(lambda m, *_: layer_c_avgs.append(m.capacity_per_expert().mean().item()))
+                 for layer in model.moe_layers()]
+        try:
+            images = self.objective.sample(model, noise, labels, steps=config.sample.steps,
+                                           sampler=config.sample.sampler, cfg_scale=config.sample.cfg_scale)
+        finally:
+            for hook in hooks:
+                hook.remove()
         save_grid(images, rows=num_classes, path=path)
+        c_avg = f", inference C_avg {sum(layer_c_avgs) / len(layer_c_avgs):.2f}" if layer_c_avgs else ""
         print(f"samples: {path} ({len(labels)} images, {config.sample.sampler} {config.sample.steps} steps, "
-              f"cfg {config.sample.cfg_scale}, inference C_avg {c_avg:.2f})", flush=True)
+              f"cfg {config.sample.cfg_scale}{c_avg})", flush=True)
