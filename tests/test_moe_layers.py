@@ -49,17 +49,7 @@ def expert_params(layer):
 
 def reference_expert_choice(layer, tokens, k):
     """Each expert sorts the pool by its router score (Python sort), takes the top k, adds score * output."""
-    scores = layer.router(tokens).softmax(dim=-1)
-    num_tokens, num_experts = scores.shape
-    out = torch.zeros_like(tokens)
-    mask = torch.zeros(num_tokens, num_experts, dtype=torch.bool)
-    for e in range(num_experts):
-        column = scores[:, e].tolist()
-        chosen = sorted(range(num_tokens), key=lambda n: -column[n])[:k]
-        idx = torch.tensor(chosen)
-        mask[idx, e] = True
-        out = out.index_add(0, idx, scores[idx, e, None] * layer.experts.expert(e, tokens[idx]))
-    return out, mask
+    return reference_counts_routing(layer, tokens, [k] * layer.num_experts)
 
 
 def reference_counts_routing(layer, tokens, counts):

@@ -70,7 +70,7 @@ class Trainer:
         torch.manual_seed(config.train.seed)
         self.model = build_model(config).to(runtime.device)
         self.objective = build_objective(config)
-        self.engine, self.optimizer, self.scheduler = build_engine(config, self.model, runtime.world_size)
+        self.engine, _, self.scheduler = build_engine(config, self.model, runtime.world_size)
         self.ema = EMA(self.model, config.train.ema_decay)
         self.sampler = ShuffledBatchSampler(
             len(self.dataset), config.train.global_batch_size, config.train.seed, runtime.rank, runtime.world_size
