@@ -267,8 +267,8 @@ def _resolve_and_validate(config: Config, source: str) -> None:
         moe.pool = "sample" if moe.ffn == "expert_choice" else "local"
     if moe.ffn != "dense":
         require(moe.num_experts >= 1, "moe.num_experts", "must be at least 1")
-        require(moe.num_experts % config.parallel.ep == 0, "moe.num_experts",
-                f"{moe.num_experts} experts cannot be split evenly over parallel.ep={config.parallel.ep}")
+        require(moe.num_experts % parallel.ep == 0, "moe.num_experts",
+                f"{moe.num_experts} experts cannot be split evenly over parallel.ep={parallel.ep}")
     require(0 < moe.capacity < float("inf"), "moe.capacity", "must be positive and finite")
     require(0.0 <= moe.threshold_ema < 1.0, "moe.threshold_ema", "must be in [0, 1)")
     require(moe.predictor_loss_weight >= 0, "moe.predictor_loss_weight", "must be >= 0")
