@@ -143,9 +143,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     return config
 
 
-def _read_yaml_with_bases(path: Path, seen: tuple[Path, ...]) -> dict:
+def _read_yaml_with_bases(path: Path, seen: tuple[Path, ...], named_by: Path | None = None) -> dict:
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{named_by}: base file {path} not found" if named_by else f"{path}: config file not found")
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' links form a cycle")
     try:
@@ -159,9 +159,7 @@ def _read_yaml_with_bases(path: Path, seen: tuple[Path, ...]) -> dict:
         return raw
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base must be a file path, got {base!r}")
-    if not (path.parent / base).is_file():
-        raise ConfigError(f"{path}: base file {path.parent / base} not found")
-    merged = _read_yaml_with_bases(path.parent / base, seen + (path.resolve(),))
+    merged = _read_yaml_with_bases(path.parent / base, seen + (path.resolve(),), named_by=path)
     _deep_update(merged, raw)
     return merged
 
