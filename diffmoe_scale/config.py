@@ -48,7 +48,9 @@ class MoEConfig:
     num_experts: int = 8
     interleave: bool = True  # MoE in blocks 1, 3, 5, ...; dense elsewhere
     capacity: float = 1.0  # expert_choice / diffmoe: tokens per expert = int(pool / E * capacity)
-    pool: Optional[Literal["local", "ep_group", "sample"]] = None  # default: sample for expert_choice, else local
+    # Pool of the top-C choice: "ep_group" = the expert-parallel group's batch (one rank: its batch),
+    # "local" = each rank's batch (the authors' DDP code), "sample" = each sample (expert_choice).
+    pool: Optional[Literal["ep_group", "local", "sample"]] = None  # default: sample for expert_choice, else ep_group
     shared_expert: bool = False
     predictor_loss_weight: float = 1.0
     threshold_ema: float = 0.95
@@ -94,17 +96,21 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     global_batch_size: int = 256
+    grad_accum_steps: int = 1  # micro-batches per optimizer step and rank; each is its own token pool
     max_steps: int = 1000
     out_dir: str = "runs/default"
     seed: int = 0
     ema_decay: float = 0.9999
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
 @dataclass
 class ParallelConfig:
-    ep: int = 1
-    tp: int = 1
+    ep: int = 1  # expert-parallel size: ranks sharing a token pool and splitting the experts
+    tp: int = 1  # tensor-parallel size (megatron-core column/row parallel linears)
     zero_stage: int = 0
+    activation_checkpointing: bool = False  # recompute blocks in backward instead of keeping activations
+    activation_checkpointing_every: int = 1  # checkpoint blocks 0, n, 2n, ...
 
 
 @dataclass
@@ -260,9 +266,13 @@ def _resolve_and_validate(config: Config, source: str) -> None:
             f"must divide model.input_size={model.input_size}")
     require(0.0 <= model.class_dropout < 1.0, "model.class_dropout", "must be in [0, 1)")
     require(model.mlp_ratio > 0, "model.mlp_ratio", "must be positive")
+    require(model.num_heads % parallel.tp == 0, "parallel.tp",
+            f"must divide model.num_heads={model.num_heads} (each rank takes whole heads)")
+    require(int(model.hidden_size * model.mlp_ratio) % parallel.tp == 0, "parallel.tp",
+            f"must divide the FFN width {int(model.hidden_size * model.mlp_ratio)}")
 
     if moe.pool is None:
-        moe.pool = "sample" if moe.ffn == "expert_choice" else "local"
+        moe.pool = "sample" if moe.ffn == "expert_choice" else "ep_group"
     if moe.ffn != "dense":
         require(moe.num_experts >= 1, "moe.num_experts", "must be at least 1")
         require(moe.num_experts % parallel.ep == 0, "moe.num_experts",
@@ -274,10 +284,10 @@ def _resolve_and_validate(config: Config, source: str) -> None:
         require(moe.pool == "sample", "moe.pool", "expert_choice routes within each sample: pool must be 'sample'")
     if moe.ffn == "diffmoe":
         require(moe.pool != "sample", "moe.pool", "a per-sample pool is the expert_choice baseline (moe.ffn)")
-        require(moe.pool != "ep_group", "moe.pool", "ep_group needs the expert-parallel dispatch, not built yet")
     if moe.ffn == "token_choice":
         require(1 <= moe.top_k <= moe.num_experts, "moe.top_k", f"must be in [1, moe.num_experts={moe.num_experts}]")
         require(moe.capacity_factor >= 0, "moe.capacity_factor", "must be >= 0 (0 = unlimited)")
+        require(parallel.ep == 1, "parallel.ep", "the token_choice baseline runs without expert parallelism: use 1")
 
     diffusion, sample = config.diffusion, config.sample
     if sample.sampler is None:
@@ -297,6 +307,7 @@ def _resolve_and_validate(config: Config, source: str) -> None:
     train, optim = config.train, config.optim
     require(train.max_steps >= 1, "train.max_steps", "must be at least 1")
     require(train.global_batch_size >= 1, "train.global_batch_size", "must be at least 1")
+    require(train.grad_accum_steps >= 1, "train.grad_accum_steps", "must be at least 1")
     require(0.0 <= train.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
     require(optim.lr > 0, "optim.lr", "must be positive")
     require(all(0 <= b < 1 for b in optim.betas), "optim.betas", "each must be in [0, 1)")
@@ -304,6 +315,8 @@ def _resolve_and_validate(config: Config, source: str) -> None:
     require(optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
     require(config.logging.every_steps >= 1, "logging.every_steps", "must be at least 1")
     require(parallel.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")
+    require(parallel.activation_checkpointing_every >= 1, "parallel.activation_checkpointing_every",
+            "must be at least 1")
     if parallel.zero_stage == 3 and moe.ffn != "dense":
         fail("parallel.zero_stage", "ZeRO-3 does not support MoE layers; use stage 0, 1 or 2")
     if config.data.dataset == "latents":

@@ -49,7 +49,9 @@ def test_flow_training_loss_recomputed_from_generator_draws():
     x = torch.randn(5, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = torch.arange(5)
     model = Recorder(aux={"predictor": torch.tensor(0.25)})
-    losses = FlowObjective().training_losses(model, x, y, generator=torch.Generator().manual_seed(42))
+    objective = FlowObjective()
+    draws = objective.draw(x.shape, torch.Generator().manual_seed(42), torch.float64)
+    losses = objective.training_losses(model, x, y, *draws)
 
     generator = torch.Generator().manual_seed(42)
     noise = torch.randn(x.shape, generator=generator, dtype=torch.float64)
@@ -71,8 +73,9 @@ def test_flow_target_is_data_minus_noise():
     # A zero-velocity model: the loss is the mean square of the target x - noise (not noise - x scaled, not eps).
     x = torch.randn(3, 1, 2, 2, dtype=torch.float64)
     model = ConstantVelocity(lambda z, t: torch.zeros_like(z))
-    generator = torch.Generator().manual_seed(1)
-    losses = FlowObjective().training_losses(model, x, torch.zeros(3, dtype=torch.long), generator=generator)
+    objective = FlowObjective()
+    draws = objective.draw(x.shape, torch.Generator().manual_seed(1), torch.float64)
+    losses = objective.training_losses(model, x, torch.zeros(3, dtype=torch.long), *draws)
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     torch.testing.assert_close(losses["diffusion"], ((x - noise) ** 2).mean())
 
@@ -307,7 +310,7 @@ def test_ddpm_training_losses(learn_sigma, keys):
             return out, {}
 
     model = RandomModel()
-    losses = objective.training_losses(model, x, y, generator=torch.Generator().manual_seed(9))
+    losses = objective.training_losses(model, x, y, *objective.draw(x.shape, torch.Generator().manual_seed(9), x.dtype))
     assert set(losses) == keys
 
     generator = torch.Generator().manual_seed(9)

@@ -94,10 +94,14 @@ class DDPMObjective:
         self.schedule = GaussianSchedule.linear(num_timesteps, beta_start, beta_end)
         self.learn_sigma = learn_sigma
 
-    def training_losses(self, model, x, y, generator=None):
+    def draw(self, shape, generator: torch.Generator, dtype=torch.float32):
+        """The random inputs of a batch of `shape`: (noise, timesteps), noise drawn first."""
+        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+        step = torch.randint(0, len(self.schedule.betas), (shape[0],), generator=generator, device=generator.device)
+        return noise, step
+
+    def training_losses(self, model, x, y, noise, step):
         schedule, channels = self.schedule, x.shape[1]
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        step = torch.randint(0, len(schedule.betas), (x.shape[0],), generator=generator, device=x.device)
         xt = schedule.q_sample(x, step, noise)
         out, aux_losses = model(xt, step, y)
         losses = {"diffusion": ((out[:, :channels] - noise) ** 2).mean(), **aux_losses}

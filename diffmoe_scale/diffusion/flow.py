@@ -12,9 +12,12 @@ from .guidance import guided_prediction
 class FlowObjective:
     samplers = ("euler", "heun")
 
-    def training_losses(self, model, x, y, generator=None):
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        t = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
+    def draw(self, shape, generator: torch.Generator, dtype=torch.float32):
+        """The random inputs of a batch of `shape`: (noise, t), noise drawn first."""
+        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+        return noise, torch.rand(shape[0], generator=generator, device=generator.device, dtype=dtype)
+
+    def training_losses(self, model, x, y, noise, t):
         t_ = t.view(-1, *[1] * (x.dim() - 1))
         out, aux_losses = model(t_ * x + (1 - t_) * noise, t, y)
         velocity = out[:, : x.shape[1]]

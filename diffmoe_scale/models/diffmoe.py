@@ -2,18 +2,23 @@
 
 Training: the tokens of a pool are flattened; each expert takes its top-C tokens by router score,
 C = int(pool_size / E * capacity); a token's output is the score-weighted sum over the experts
-that took it (0..E of them). With pool="local" the pool is the whole batch (DiffMoE); with
-pool="sample" each sample is its own pool (the EC-DiT baseline, no predictor).
+that took it (0..E of them). Pools: "ep_group" is every token of the dispatch's ranks (one
+process: its batch, as DiffMoE), "local" is each rank's own batch (the authors' DDP code),
+"sample" makes each sample its own pool (the EC-DiT baseline, no predictor).
 
 The capacity predictor sees the detached layer input and learns (BCE) the routing mask; per expert,
-a threshold tracks the C-th largest predictor probability by EMA. At inference the predictor and
-thresholds decide how many tokens each expert takes (see `inference_routing`).
+a threshold tracks the C-th largest predictor probability of the pool by EMA. The forward only
+records that quantile (`pending_quantile`); `update_thresholds` applies it once per optimizer
+step, so a recomputed forward (activation checkpointing) cannot apply it twice. At inference the
+predictor and thresholds decide how many tokens each expert takes (see `inference_routing`).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .experts import RoutedFFN
+from .experts import RoutedFFN, pairs_from_mask
+
+POOLS = ("ep_group", "local", "sample")
 
 
 class DiffMoELayer(RoutedFFN):
@@ -23,15 +28,15 @@ class DiffMoELayer(RoutedFFN):
         hidden_dim: int,
         num_experts: int,
         capacity: float = 1.0,
-        pool: str = "local",
+        pool: str = "ep_group",
         use_predictor: bool = True,
         threshold_ema: float = 0.95,
         inference_routing: str = "threshold",
         shared_expert: bool = False,
     ):
         super().__init__(dim, hidden_dim, num_experts, shared_expert)
-        if pool not in ("local", "sample"):
-            raise ValueError(f"pool must be 'local' or 'sample', got {pool!r}")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         if pool == "sample" and use_predictor:
             raise ValueError("the capacity predictor belongs to the batch pool; pool='sample' is expert choice")
         self.capacity = capacity
@@ -42,29 +47,54 @@ class DiffMoELayer(RoutedFFN):
             nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, num_experts)) if use_predictor else None
         )
         self.register_buffer("thresholds", torch.zeros(num_experts))
+        self.pending_quantile = None
+
+    def pool_size(self, batch: int, seq: int) -> int:
+        """Tokens per pool; the gathered tokens of the dispatch split into pools of this size."""
+        if self.pool == "sample":
+            return seq
+        return batch * seq * (self.dispatch.size if self.pool == "ep_group" else 1)
 
     def forward(self, x):
         batch, seq, dim = x.shape
         tokens = x.reshape(-1, dim)
         scores = self.router(tokens).softmax(dim=-1)  # [N, E]
+        pool_size = self.pool_size(batch, seq)
         losses = {}
         if self.training or self.inference_routing == "capacity":
-            pool_size = seq if self.pool == "sample" else batch * seq
+            predictor_logits = self.predictor(tokens.detach()) if self.training and self.predictor else None
+            pooled = self._gather_routing_inputs(scores, predictor_logits)
             k = self.tokens_per_expert(pool_size)
-            token_idx, gates = top_c_per_expert(scores.view(-1, pool_size, self.num_experts), k)
-            weighted = gates.unsqueeze(-1) * self.experts(tokens[token_idx])  # [E, G*k, D]
-            out = torch.zeros_like(tokens).index_add_(0, token_idx.reshape(-1), weighted.reshape(-1, dim))
-            mask = torch.zeros_like(scores).scatter_(0, token_idx.T, 1.0)  # [N, E], 1 where expert took token
-            if self.training and self.predictor is not None:
-                predictor_logits = self.predictor(tokens.detach())
-                losses["predictor"] = F.binary_cross_entropy_with_logits(predictor_logits, mask)
-                self._update_thresholds(predictor_logits.detach(), k)
-            counts = torch.full((self.num_experts,), token_idx.shape[1], device=x.device)
+            pool_scores = pooled[:, : self.num_experts]
+            token_idx, _ = top_c_per_expert(pool_scores.reshape(-1, pool_size, self.num_experts), k)  # [E, G*k]
+            pair_expert = torch.arange(self.num_experts, device=x.device).repeat_interleave(token_idx.shape[1])
+            pair_token, counts = token_idx.reshape(-1), [token_idx.shape[1]] * self.num_experts
+            if predictor_logits is not None:
+                pool_mask = torch.zeros_like(pool_scores).scatter_(0, token_idx.T, 1.0)  # [pool, E]
+                own_rows = pool_mask[self.dispatch.rank * len(tokens) : (self.dispatch.rank + 1) * len(tokens)]
+                losses["predictor"] = F.binary_cross_entropy_with_logits(predictor_logits, own_rows.to(predictor_logits.dtype))
+                pool_probs = pooled[:, self.num_experts :].reshape(-1, pool_size, self.num_experts)
+                self.pending_quantile = pool_probs.topk(k, dim=1).values[:, -1].mean(dim=0)  # [E]
         else:
-            mask = self.threshold_mask(scores, torch.sigmoid(self.predictor(tokens)))
-            out = self.experts.forward_masked(tokens, mask, scores)
-            counts = mask.sum(dim=0)
-        return self.finish(x, out.view(batch, seq, dim), counts), losses
+            probs = torch.sigmoid(self.predictor(tokens))
+            pooled = self.dispatch.gather(torch.cat([scores, probs], dim=1))
+            pool_mask = torch.cat([
+                self.threshold_mask(group[:, : self.num_experts], group[:, self.num_experts :])
+                for group in pooled.split(pool_size)
+            ])
+            pair_expert, pair_token, counts = pairs_from_mask(pool_mask)
+        out = self.dispatch.combine(tokens, scores, pair_expert, pair_token, counts, self.experts)
+        pool_tokens = len(tokens) * self.dispatch.size
+        return self.finish(x, out.view(batch, seq, dim), (pair_expert, pair_token), counts, pool_tokens), losses
+
+    def _gather_routing_inputs(self, scores, predictor_logits):
+        """Router scores (and predictor probabilities) of every pool member's tokens: [pool, E or 2E].
+
+        Only small N x E tensors travel; every rank then takes the same routing decisions."""
+        routing_inputs = scores.detach()
+        if predictor_logits is not None:
+            routing_inputs = torch.cat([routing_inputs, torch.sigmoid(predictor_logits.detach()).to(scores.dtype)], dim=1)
+        return self.dispatch.gather(routing_inputs)
 
     def tokens_per_expert(self, pool_size: int) -> int:
         k = min(int(pool_size / self.num_experts * self.capacity), pool_size)
@@ -76,12 +106,17 @@ class DiffMoELayer(RoutedFFN):
         return k
 
     @torch.no_grad()
-    def _update_thresholds(self, predictor_logits, k: int):
-        kth_largest = torch.sigmoid(predictor_logits).topk(k, dim=0).values[-1]  # [E]
-        self.thresholds.mul_(self.threshold_ema).add_((1 - self.threshold_ema) * kth_largest)
+    def update_thresholds(self, quantile=None):
+        """tau <- ema * tau + (1 - ema) * q, with q the quantile of the last training forward
+        (or the given one: the trainer passes it averaged over every rank)."""
+        quantile = self.pending_quantile if quantile is None else quantile
+        if quantile is None:
+            raise RuntimeError("update_thresholds needs a training forward first")
+        self.thresholds.mul_(self.threshold_ema).add_((1 - self.threshold_ema) * quantile.to(self.thresholds.dtype))
+        self.pending_quantile = None
 
     def threshold_mask(self, scores, predictor_probs):
-        """Inference routing from the predictor and the learned thresholds -> [N, E] bool mask."""
+        """Inference routing of one pool from the predictor and the learned thresholds -> [N, E] bool mask."""
         above = predictor_probs > self.thresholds
         if self.inference_routing == "batch_independent":
             return above

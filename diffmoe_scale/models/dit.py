@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .experts import RoutedFFN
 
@@ -51,13 +52,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        batch, seq, dim = x.shape
+        batch, seq, _ = x.shape
         q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(batch, seq, dim))
+        return self.proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
 class DiTBlock(nn.Module):
+    checkpoint = False  # recompute this block in backward (activation checkpointing)
+
     def __init__(self, dim: int, num_heads: int, ffn: nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -67,6 +70,11 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c):
+        if self.checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, c, use_reentrant=False)
+        return self._forward(x, c)
+
+    def _forward(self, x, c):
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = self.adaLN_modulation(c).chunk(6, dim=-1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         ffn_out, losses = self.ffn(modulate(self.norm2(x), shift_ffn, scale_ffn))
@@ -125,7 +133,7 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def moe_layers(self) -> list[RoutedFFN]:
-        return [block.ffn for block in self.blocks if isinstance(block.ffn, RoutedFFN)]
+        return [module for module in self.blocks.modules() if isinstance(module, RoutedFFN)]
 
     def unpatchify(self, x):
         batch, tokens, _ = x.shape

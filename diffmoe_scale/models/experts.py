@@ -1,7 +1,12 @@
-"""The dense DiT feed-forward and a bank of E experts of the same shape.
+"""The dense DiT feed-forward, a bank of experts of the same shape, and how tokens reach them.
 
 Every FFN kind returns `(output, losses)`: `losses` maps a name to an unweighted scalar (empty for
 dense), so blocks can treat dense and MoE layers alike.
+
+Routing is described by (expert, token) pairs sorted by expert: `pair_expert[i]` takes token
+`pair_token[i]` of the pool. A dispatch object runs the pairs through the experts and returns the
+gate-weighted sum per token. `LocalDispatch` (one process holds the pool and every expert) is the
+default; `diffmoe_scale.parallel` swaps in one that spreads pool and experts over ranks.
 """
 import math
 
@@ -23,11 +28,13 @@ class FeedForward(nn.Module):
 
 
 class Experts(nn.Module):
-    """E copies of FeedForward, stored stacked so equal-sized token sets run as one batched matmul."""
+    """Experts `first_expert .. first_expert + num_experts - 1` of a layer, each FeedForward's shape,
+    stored stacked so equal-sized token sets run as one batched matmul."""
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int):
         super().__init__()
         self.num_experts = num_experts
+        self.first_expert = 0
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.b1 = nn.Parameter(torch.zeros(num_experts, hidden_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
@@ -37,53 +44,86 @@ class Experts(nn.Module):
         nn.init.uniform_(self.w1, -bound, bound)
         nn.init.uniform_(self.w2, -bound, bound)
 
+    def narrow_(self, first: int, count: int) -> "Experts":
+        """Keep only experts first .. first + count - 1 (this rank's shard of the layer)."""
+        for name in ("w1", "b1", "w2", "b2"):
+            setattr(self, name, nn.Parameter(getattr(self, name).data[first : first + count].clone()))
+        self.first_expert += first
+        self.num_experts = count
+        return self
+
     def forward(self, x):
         """x: [E, M, D], expert e applied to x[e] -> [E, M, D]."""
         hidden = F.gelu(torch.baddbmm(self.b1.unsqueeze(1), x, self.w1), approximate="tanh")
         return torch.baddbmm(self.b2.unsqueeze(1), hidden, self.w2)
 
     def expert(self, e: int, x):
-        """Expert e alone on x: [M, D] -> [M, D]."""
+        """Expert e (local index) alone on x: [M, D] -> [M, D]."""
         hidden = F.gelu(torch.addmm(self.b1[e], x, self.w1[e]), approximate="tanh")
         return torch.addmm(self.b2[e], hidden, self.w2[e])
 
-    def forward_masked(self, x, mask, gates):
-        """Variable token sets: out[n] = sum over e with mask[n, e] of gates[n, e] * expert_e(x[n]).
+    def forward_sorted(self, x, counts: list[int]):
+        """x: [sum(counts), D], the tokens of local expert 0 first, then expert 1, ...
 
-        x: [N, D]; mask: [N, E] bool; gates: [N, E]. Loops over experts (counts differ per expert).
+        One batched matmul when every expert has the same count (training), a loop otherwise.
         """
-        out = torch.zeros_like(x)
-        for e in range(self.num_experts):
-            token_idx = mask[:, e].nonzero().squeeze(1)
-            if token_idx.numel():
-                out.index_add_(0, token_idx, gates[token_idx, e, None] * self.expert(e, x[token_idx]))
-        return out
+        if len(set(counts)) == 1:
+            return self(x.view(self.num_experts, counts[0], -1)).view(x.shape)
+        chunks = x.split(counts)
+        return torch.cat([self.expert(e, chunk) for e, chunk in enumerate(chunks)])
+
+
+def pairs_from_mask(mask):
+    """[N, E] bool routing mask -> (pair_expert, pair_token, tokens per expert as a list)."""
+    pair_expert, pair_token = mask.T.nonzero(as_tuple=True)
+    return pair_expert, pair_token, mask.sum(dim=0).tolist()
+
+
+class LocalDispatch:
+    """The pool is this process's tokens and every expert is here."""
+
+    size = 1
+    rank = 0
+
+    def gather(self, tensor):
+        """Rows of every pool member, in rank order (here: this process's rows)."""
+        return tensor
+
+    def combine(self, tokens, scores, pair_expert, pair_token, counts, experts: Experts):
+        """sum over pairs of scores[token, expert] * expert(token), per token: [N, D]."""
+        expert_out = experts.forward_sorted(tokens[pair_token], counts)
+        gates = scores[pair_token, pair_expert].unsqueeze(1)
+        return torch.zeros_like(tokens).index_add_(0, pair_token, gates * expert_out)
 
 
 class RoutedFFN(nn.Module):
-    """What every MoE FFN has: a bias-free router, the experts, an optional shared expert and the
-    per-expert token counts of the last forward (for capacity statistics)."""
+    """What every MoE FFN has: a bias-free router, the experts, an optional shared FFN, the dispatch
+    and the per-expert token counts of the last forward (for capacity statistics)."""
 
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, shared_expert: bool):
         super().__init__()
         self.num_experts = num_experts
         self.router = nn.Linear(dim, num_experts, bias=False)
         self.experts = Experts(num_experts, dim, hidden_dim)
-        self.shared_expert = FeedForward(dim, hidden_dim) if shared_expert else None
+        # Not called "shared_expert": DeepSpeed files every parameter whose name holds "expert" per expert.
+        self.shared_ffn = FeedForward(dim, hidden_dim) if shared_expert else None
+        self.dispatch = LocalDispatch()
+        self.last_pairs = None  # (pair_expert, pair_token) of the last forward's pool
         self.last_tokens_per_expert = None
         self.last_num_tokens = 0
 
     def reset_router(self):
         nn.init.normal_(self.router.weight, std=0.006)
 
-    def finish(self, x, out, tokens_per_expert):
-        """Record the token counts and add the shared expert: the common tail of a forward."""
-        self.last_tokens_per_expert = tokens_per_expert.detach()
-        self.last_num_tokens = x.shape[0] * x.shape[1]
-        if self.shared_expert is not None:
-            out = out + self.shared_expert(x)[0]
+    def finish(self, x, out, pairs, tokens_per_expert, pool_tokens: int):
+        """Record the pool's routing and add the shared FFN: the common tail of a forward."""
+        self.last_pairs = pairs
+        self.last_tokens_per_expert = torch.as_tensor(tokens_per_expert).detach()
+        self.last_num_tokens = pool_tokens
+        if self.shared_ffn is not None:
+            out = out + self.shared_ffn(x)[0]
         return out
 
     def capacity_per_expert(self):
-        """C^e = E * tokens taken by expert e / N, from the last forward."""
+        """C^e = E * tokens taken by expert e / N (N: tokens in the pool), from the last forward."""
         return self.num_experts * self.last_tokens_per_expert.float() / self.last_num_tokens

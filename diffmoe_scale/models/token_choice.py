@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .experts import RoutedFFN
+from .experts import RoutedFFN, pairs_from_mask
 
 
 class TokenChoiceLayer(RoutedFFN):
@@ -31,8 +31,9 @@ class TokenChoiceLayer(RoutedFFN):
             losses["balance"] = (assignment_share * scores.mean(dim=0)).sum()
         if self.capacity_factor > 0:
             mask = self._drop_over_capacity(mask, scores)
-        out = self.experts.forward_masked(tokens, mask, scores).view(batch, seq, dim)
-        return self.finish(x, out, mask.sum(dim=0)), losses
+        pair_expert, pair_token, counts = pairs_from_mask(mask)
+        out = self.dispatch.combine(tokens, scores, pair_expert, pair_token, counts, self.experts)
+        return self.finish(x, out.view(batch, seq, dim), (pair_expert, pair_token), counts, len(tokens)), losses
 
     def _drop_over_capacity(self, mask, scores):
         num_tokens = scores.shape[0]

@@ -5,12 +5,16 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from ..config import Config, dump_config
+from ..config import Config, ConfigError, dump_config
 from ..data import ShuffledBatchSampler, build_dataset
 from ..diffusion import build_objective
 from ..models import build_model
-from ..parallel.engine import build_engine
+from ..parallel.engine import PRECISION_DTYPES, build_engine, clip_grad_norm_, clips_in_engine
+from ..parallel.expert_parallel import apply_threshold_quantiles, take_pending_quantiles
+from ..parallel.groups import setup_groups
+from ..parallel.parallelize import parallelize
 from ..parallel.runtime import Runtime
 from .ema import EMA
 from .images import save_grid
@@ -50,9 +54,34 @@ def capacity_stats(model) -> tuple[float, list[list[float]]]:
     return table.mean().item(), table.tolist()
 
 
-def local_grad_norm(model) -> float:
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads).item()
+def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Average per-rank scalars over every rank: the global batch's loss from the local batches' means."""
+    stacked = torch.stack([value.detach().float() for value in values.values()])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return dict(zip(values, stacked.tolist()))
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on some rank: ranks must stop at the same step."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    value = torch.tensor(float(flag))
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def check_precision(config: Config) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if config.train.precision == "fp16" and not accelerator.is_fp16_supported():
+        raise ConfigError(f"train.precision: fp16 needs an accelerator with fp16 support; DeepSpeed's "
+                          f"{accelerator.device_name()} accelerator has none here: use bf16 or fp32")
+    if config.train.precision == "bf16" and not accelerator.is_bf16_supported():
+        raise ConfigError(f"train.precision: DeepSpeed's {accelerator.device_name()} accelerator has no bf16 support "
+                          f"here: use fp32")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -66,17 +95,21 @@ class Trainer:
         self.config = config
         self.runtime = runtime
         self.out_dir = Path(config.train.out_dir)
+        check_precision(config)
+        self.groups = groups = setup_groups(config)
         self.dataset = build_dataset(config)
-        torch.manual_seed(config.train.seed)
-        self.model = build_model(config).to(runtime.device)
+        torch.manual_seed(config.train.seed)  # every rank builds the same full model, then keeps its shards
+        self.model = parallelize(build_model(config).to(runtime.device), config, groups)
         self.objective = build_objective(config)
-        self.engine, _, self.scheduler = build_engine(config, self.model, runtime.world_size)
+        self.engine, _, self.scheduler = build_engine(config, self.model, groups)
+        self.dtype = PRECISION_DTYPES[config.train.precision]
         self.ema = EMA(self.model, config.train.ema_decay)
         self.sampler = ShuffledBatchSampler(
-            len(self.dataset), config.train.global_batch_size, config.train.seed, runtime.rank, runtime.world_size
+            len(self.dataset), config.train.global_batch_size, config.train.seed, groups.dp_rank, groups.dp_size
         )
-        # Noise, timesteps and label dropout: a stream per rank, independent of the global RNG.
-        self.generator = torch.Generator(device=runtime.device).manual_seed(config.train.seed * 1000 + runtime.rank + 1)
+        # Noise, timesteps and label dropout are drawn for the whole global batch on every rank and
+        # each micro-batch takes its rows: the numbers do not depend on the parallel layout.
+        self.generator = torch.Generator(device=runtime.device).manual_seed(config.train.seed * 1000 + 1)
         self.step = 0
         self.weights = loss_weights(config)
         self.tokens_per_image = (config.model.input_size // config.model.patch_size) ** 2
@@ -91,28 +124,59 @@ class Trainer:
             metrics.unlink()
         dump_config(self.config, self.out_dir / "config.yaml")
         params = sum(p.numel() for p in self.model.parameters())
-        print(f"model: {params / 1e6:.2f}M parameters, {len(self.model.moe_layers())} MoE layers "
-              f"({self.config.moe.ffn}); run directory {self.out_dir}", flush=True)
+        groups = self.groups
+        print(f"model: {params / 1e6:.2f}M parameters on rank 0, {len(self.model.moe_layers())} MoE layers "
+              f"({self.config.moe.ffn}); {groups.world_size} ranks: dp {groups.dp_size} x tp {groups.tp_size}, "
+              f"ep {groups.ep_size}, ZeRO {self.config.parallel.zero_stage}, {self.config.train.precision}; "
+              f"run directory {self.out_dir}", flush=True)
 
-    def train_step(self) -> dict:
+    def draw_batch_randomness(self) -> dict[str, torch.Tensor]:
+        """Noise, timesteps and label-dropout bits of every sample of the next global batch."""
         config = self.config
-        indices, flips = self.sampler.next_indices()
-        images, labels = self.dataset.batch(indices, flips)
-        images, labels = images.to(self.runtime.device), labels.to(self.runtime.device)
-        drop = torch.rand(labels.shape, generator=self.generator, device=labels.device) < config.model.class_dropout
-        labels = torch.where(drop, torch.full_like(labels, config.model.num_classes), labels)
+        size = config.model.input_size
+        shape = (config.train.global_batch_size, config.model.in_channels, size, size)
+        noise, t = self.objective.draw(shape, self.generator, self.dtype)
+        drop = torch.rand(shape[0], generator=self.generator, device=self.generator.device) < config.model.class_dropout
+        return {"noise": noise, "t": t, "drop": drop}
 
-        losses = self.objective.training_losses(self.engine, images, labels, generator=self.generator)
+    def forward_backward(self, images, labels, draws: dict) -> dict[str, torch.Tensor]:
+        """One micro-batch forward and backward; returns its (unweighted) losses."""
+        labels = torch.where(draws["drop"], torch.full_like(labels, self.config.model.num_classes), labels)
+        losses = self.objective.training_losses(self.engine, images, labels, draws["noise"], draws["t"])
         total = sum(self.weights.get(name, 1.0) * value for name, value in losses.items())
         self.engine.backward(total)
-        # ZeRO optimizers report the (pre-clipping) norm after step; without ZeRO, read it from .grad now.
-        grad_norm = None if self.engine.zero_optimization() else local_grad_norm(self.model)
-        self.engine.step()
+        return losses
+
+    def train_step(self) -> tuple[dict[str, torch.Tensor], float]:
+        """One optimizer step over this rank's rows of the global batch, in micro-batches.
+
+        Returns this rank's losses (mean over its micro-batches) and the gradient norm before clipping."""
+        config, groups = self.config, self.groups
+        indices, flips = self.sampler.next_indices()
+        images, labels = self.dataset.batch(indices, flips)
+        images, labels = images.to(self.runtime.device, self.dtype), labels.to(self.runtime.device)
+        draws = self.draw_batch_randomness()
+        micro = len(indices) // config.train.grad_accum_steps
+        first_row = groups.dp_rank * len(indices)  # this rank's rows of the global batch
+        losses, quantiles = {}, 0
+        for start in range(0, len(indices), micro):
+            rows = slice(start, start + micro)
+            global_rows = slice(first_row + start, first_row + start + micro)
+            micro_losses = self.forward_backward(images[rows], labels[rows], {k: v[global_rows] for k, v in draws.items()})
+            for name, value in micro_losses.items():
+                losses[name] = losses.get(name, 0) + value.detach() / config.train.grad_accum_steps
+            quantiles = quantiles + take_pending_quantiles(self.model)
+            is_last = start + micro == len(indices)
+            grad_norm = None
+            if is_last and not clips_in_engine(config):
+                grad_norm = clip_grad_norm_(self.model, config.optim.grad_clip, groups)
+            self.engine.step()  # DeepSpeed steps the optimizer after the last micro-batch only
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
+        apply_threshold_quantiles(self.model, quantiles / config.train.grad_accum_steps)
         self.ema.update(self.model)
         self.step += 1
-        return {name: value.item() for name, value in losses.items()}, float(grad_norm)
+        return losses, float(grad_norm)
 
     def train(self) -> int:
         """Runs to train.max_steps; returns the process exit code."""
@@ -122,21 +186,20 @@ class Trainer:
         stop = StopRequest()
         try:
             window_start, window_steps = time.perf_counter(), 0
-            while self.step < config.train.max_steps and not stop.requested:
+            while self.step < config.train.max_steps and not any_rank(stop.requested):
                 losses, grad_norm = self.train_step()
                 window_steps += 1
                 if self.step % config.logging.every_steps == 0 or self.step == config.train.max_steps:
                     elapsed = time.perf_counter() - window_start
-                    log.log(self.metrics_record(losses, grad_norm, elapsed / window_steps))
+                    log.log(self.metrics_record(mean_over_ranks(losses), grad_norm, elapsed / window_steps))
                     window_start, window_steps = time.perf_counter(), 0
         finally:
             stop.restore()
             log.close()
-        if stop.requested:
+        if self.step < config.train.max_steps:
             print(f"interrupted at step {self.step}; metrics are in {self.out_dir / 'metrics.jsonl'}", flush=True)
             return INTERRUPTED_EXIT_CODE
-        if self.runtime.is_main:
-            self.save_samples(self.out_dir / "samples.png")
+        self.save_samples(self.out_dir / "samples.png")
         return 0
 
     def metrics_record(self, losses: dict, grad_norm: float, step_time: float) -> dict:
@@ -157,25 +220,44 @@ class Trainer:
         }
 
     @torch.no_grad()
-    def save_samples(self, path: Path) -> None:
-        """One row per class of class-conditional samples from the EMA weights."""
-        config, model = self.config, self.ema.model
-        per_class, num_classes = config.sample.per_class, config.model.num_classes
-        generator = torch.Generator(device=self.runtime.device).manual_seed(config.sample.seed)
-        labels = torch.arange(num_classes, device=self.runtime.device).repeat_interleave(per_class)
-        size = config.model.input_size
-        noise = torch.randn(len(labels), config.model.in_channels, size, size, generator=generator, device=self.runtime.device)
-        torch.manual_seed(config.sample.seed)  # ancestral sampling draws from the global RNG
+    def sample_images(self, labels: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+        """Class-conditional samples from the EMA weights, every rank taking part (experts are sharded):
+        each data-parallel rank samples its slice of the batch. Returns (images on every rank, C_avg)."""
+        config, model, groups = self.config, self.ema.model, self.groups
+        padded = -len(labels) % groups.dp_size  # repeat the last sample so the batch splits evenly
+        labels = torch.cat([labels, labels[-1:].expand(padded)])
+        noise = torch.cat([noise, noise[-1:].expand(padded, *noise.shape[1:])])
+        share = len(labels) // groups.dp_size
+        rows = slice(groups.dp_rank * share, (groups.dp_rank + 1) * share)
         layer_c_avgs = []  # C_avg of every MoE layer call during sampling
         hooks = [layer.register_forward_hook(lambda m, *_: layer_c_avgs.append(m.capacity_per_expert().mean().item()))
                  for layer in model.moe_layers()]
         try:
-            images = self.objective.sample(model, noise, labels, steps=config.sample.steps,
+            images = self.objective.sample(model, noise[rows], labels[rows], steps=config.sample.steps,
                                            sampler=config.sample.sampler, cfg_scale=config.sample.cfg_scale)
         finally:
             for hook in hooks:
                 hook.remove()
+        if groups.world_size > 1:
+            parts = [torch.empty_like(images) for _ in range(groups.world_size)]
+            dist.all_gather(parts, images.contiguous())
+            images = torch.cat(parts[:: groups.tp_size])  # one copy per data-parallel rank
+        c_avg = sum(layer_c_avgs) / len(layer_c_avgs) if layer_c_avgs else None
+        return images[: len(images) - padded], c_avg
+
+    def save_samples(self, path: Path) -> None:
+        """One row per class of class-conditional samples from the EMA weights."""
+        config, device = self.config, self.runtime.device
+        per_class, num_classes = config.sample.per_class, config.model.num_classes
+        generator = torch.Generator(device=device).manual_seed(config.sample.seed)
+        labels = torch.arange(num_classes, device=device).repeat_interleave(per_class)
+        size = config.model.input_size
+        noise = torch.randn(len(labels), config.model.in_channels, size, size, generator=generator, device=device)
+        torch.manual_seed(config.sample.seed)  # ancestral sampling draws from the global RNG
+        images, c_avg = self.sample_images(labels, noise)
+        if not self.runtime.is_main:
+            return
         save_grid(images, rows=num_classes, path=path)
-        c_avg = f", inference C_avg {sum(layer_c_avgs) / len(layer_c_avgs):.2f}" if layer_c_avgs else ""
+        c_avg = f", inference C_avg {c_avg:.2f}" if c_avg is not None else ""
         print(f"samples: {path} ({len(labels)} images, {config.sample.sampler} {config.sample.steps} steps, "
               f"cfg {config.sample.cfg_scale}{c_avg})", flush=True)

@@ -1,0 +1,182 @@
+"""Expert parallelism: the DiffMoE token pool spread over the EP group, experts sharded over it.
+
+Every rank of an EP group gathers the router scores (and predictor probabilities) of the whole
+pool, a few floats per token, so every rank takes the same routing decisions and knows how many
+tokens it sends to and receives from each rank: no count exchange, no padding. Tokens then travel
+once per selecting expert in an all-to-all with exact splits, the experts run on exactly the
+tokens that chose them, and a second all-to-all brings the results home, where they are scaled by
+the gate score and summed. Both all-to-alls are differentiable (the backward of an all-to-all is
+the all-to-all with the splits swapped).
+
+DeepSpeed is told the experts are MoE parameters (reduced over the expert-data-parallel group,
+partitioned by ZeRO within it, saved one file per expert) by wrapping each MoE FFN in an
+`deepspeed.moe.layer.MoE` subclass that carries our layer instead of DeepSpeed's gate and experts.
+"""
+import re
+
+import torch
+import torch.distributed as dist
+from deepspeed.moe.layer import MoE
+
+from ..models import RoutedFFN
+from ..models.diffmoe import DiffMoELayer
+from .groups import ParallelGroups
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, output_splits: list[int], input_splits: list[int], group):
+        ctx.splits, ctx.group = (output_splits, input_splits), group
+        out = x.new_empty((sum(output_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        output_splits, input_splits = ctx.splits
+        return _AllToAll.apply(grad, input_splits, output_splits, ctx.group), None, None, None
+
+
+def all_to_all(x, output_splits: list[int], input_splits: list[int], group):
+    """Differentiable `all_to_all_single` with uneven splits (rows sent to rank j: input_splits[j])."""
+    return _AllToAll.apply(x, output_splits, input_splits, group)
+
+
+class ExpertParallelDispatch:
+    """The pool is the EP group's tokens (rank order); this rank holds experts
+    [rank * E_local, (rank + 1) * E_local). Counts the rows it moves, for the byte accounting."""
+
+    def __init__(self, group, size: int, rank: int):
+        self.group, self.size, self.rank = group, size, rank
+        self.rows_sent = [0] * size  # token rows this rank sent to each rank, forward and return trips
+
+    def __deepcopy__(self, memo):  # an EMA copy of the model shares the process group
+        return self
+
+    def gather(self, tensor):
+        parts = [torch.empty_like(tensor) for _ in range(self.size)]
+        dist.all_gather(parts, tensor.contiguous(), group=self.group)
+        return torch.cat(parts)
+
+    def combine(self, tokens, scores, pair_expert, pair_token, counts, experts):
+        local_tokens, local_experts = len(tokens), experts.num_experts
+        owner = pair_token // local_tokens  # rank holding the token
+        holder = pair_expert // local_experts  # rank holding the expert
+        mine = owner == self.rank
+        send_token = pair_token[mine] - self.rank * local_tokens  # sorted by expert, so by holder
+        send_expert = pair_expert[mine]
+        send_splits = torch.bincount(holder[mine], minlength=self.size).tolist()
+        # Pairs this rank's experts serve, sorted by expert; they arrive grouped by owner rank.
+        arriving_owner = owner[holder == self.rank]
+        recv_splits = torch.bincount(arriving_owner, minlength=self.size).tolist()
+        arrival_order = torch.argsort(arriving_owner, stable=True)  # arrival row i is served pair arrival_order[i]
+        received = all_to_all(tokens[send_token], recv_splits, send_splits, self.group)
+        expert_in = received[torch.argsort(arrival_order)]
+        first = experts.first_expert
+        expert_out = experts.forward_sorted(expert_in, counts[first : first + local_experts])
+        returned = all_to_all(expert_out[arrival_order], send_splits, recv_splits, self.group)
+        self._count(send_splits, recv_splits)
+        gates = scores[send_token, send_expert].unsqueeze(1)
+        return torch.zeros_like(tokens).index_add_(0, send_token, gates * returned)
+
+    def _count(self, send_splits, recv_splits):
+        for peer in range(self.size):
+            self.rows_sent[peer] += send_splits[peer] + recv_splits[peer]
+
+
+class DeepSpeedMoE(MoE):
+    """DeepSpeed's MoE type around one of our MoE FFNs (and nothing else).
+
+    DeepSpeed finds MoE layers by type; this one skips `MoE.__init__`, which would build DeepSpeed's
+    own gate and experts, and sets the attributes DeepSpeed reads. Its state dict lists expert e
+    under `deepspeed_moe.experts.deepspeed_experts.<e>.`, the keys DeepSpeed's MoE checkpointing
+    expects, while the layer keeps its experts stacked for batched matmuls.
+    """
+
+    def __init__(self, layer: RoutedFFN, groups: ParallelGroups):
+        torch.nn.Module.__init__(self)
+        self.deepspeed_moe = layer
+        self.num_experts = layer.num_experts
+        self.ep_size = groups.ep_size
+        self.expert_group_name = groups.expert_group_name
+        self.num_local_experts = layer.num_experts // groups.ep_size
+        self.enable_expert_tensor_parallelism = False
+        layer.experts.register_state_dict_post_hook(_split_experts)
+        layer.experts.register_load_state_dict_pre_hook(_stack_experts)
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        pass  # the engine's hook for MoE layers to make their groups: `setup_groups` made them
+
+    def forward(self, x):
+        return self.deepspeed_moe(x)
+
+
+_EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
+
+
+def _split_experts(module, state_dict, prefix, local_metadata):
+    for name in _EXPERT_PARAMS:
+        stacked = state_dict.pop(prefix + name)
+        for e in range(len(stacked)):
+            state_dict[f"{prefix}deepspeed_experts.{e}.{name}"] = stacked[e]
+
+
+def _stack_experts(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    pattern = re.compile(re.escape(prefix) + r"deepspeed_experts\.(\d+)\.(\w+)$")
+    per_expert = {}
+    for key in [k for k in state_dict if pattern.match(k)]:
+        e, name = pattern.match(key).groups()
+        per_expert.setdefault(name, {})[int(e)] = state_dict.pop(key)
+    for name, tensors in per_expert.items():
+        state_dict[prefix + name] = torch.stack([tensors[e] for e in sorted(tensors)])
+
+
+def apply_expert_parallel(model, groups: ParallelGroups) -> None:
+    """Shard every MoE FFN's experts over the EP group, route its pool through the group, and
+    mark the experts as DeepSpeed MoE parameters. The model must be initialised identically on
+    every rank (same seed): each rank keeps its slice of the same experts."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, RoutedFFN):
+                continue
+            if groups.ep_size > 1:
+                if not isinstance(child, DiffMoELayer):
+                    raise ValueError(f"{type(child).__name__} does not support expert parallelism (parallel.ep > 1)")
+                local = child.num_experts // groups.ep_size
+                child.experts.narrow_(groups.ep_rank * local, local)
+                child.dispatch = ExpertParallelDispatch(groups.ep_group, groups.ep_size, groups.ep_rank)
+            for param in child.experts.parameters():
+                param.allreduce = False  # DeepSpeed: reduce over the expert-data-parallel group only
+                param.group_name = groups.expert_group_name
+            setattr(parent, child_name, DeepSpeedMoE(child, groups))
+
+
+def _predictor_layers(model) -> list[DiffMoELayer]:
+    return [layer for layer in model.moe_layers() if isinstance(layer, DiffMoELayer) and layer.predictor is not None]
+
+
+def take_pending_quantiles(model):
+    """[layers, E] threshold quantiles the last forward recorded (0 without predictor layers); clears them.
+    Called once per micro-batch after its backward, so a recomputed forward cannot count twice."""
+    layers = _predictor_layers(model)
+    if not layers:
+        return 0
+    quantiles = torch.stack([layer.pending_quantile.float() for layer in layers])
+    for layer in layers:
+        layer.pending_quantile = None
+    return quantiles
+
+
+@torch.no_grad()
+def apply_threshold_quantiles(model, quantiles) -> None:
+    """Update every predictor layer's thresholds with its quantile averaged over all ranks, so every
+    rank holds the same tau (an EP group agrees on its pool's quantile; DP replicas average theirs)."""
+    layers = _predictor_layers(model)
+    if not layers:
+        return
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        quantiles = quantiles.clone()
+        dist.all_reduce(quantiles)
+        quantiles /= dist.get_world_size()
+    for layer, quantile in zip(layers, quantiles):
+        layer.update_thresholds(quantile)

@@ -1,0 +1,21 @@
+"""Apply the configured parallelism to a plain model, from outside (as torchtitan's parallelize)."""
+from ..config import Config
+from .expert_parallel import apply_expert_parallel
+from .groups import ParallelGroups
+
+
+def apply_activation_checkpointing(model, every: int) -> None:
+    """Blocks 0, every, 2*every, ... recompute their forward in backward instead of keeping activations."""
+    for index, block in enumerate(model.blocks):
+        block.checkpoint = index % every == 0
+
+
+def parallelize(model, config: Config, groups: ParallelGroups):
+    if groups.tp_size > 1:
+        from .tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, groups)
+    apply_expert_parallel(model, groups)
+    if config.parallel.activation_checkpointing:
+        apply_activation_checkpointing(model, config.parallel.activation_checkpointing_every)
+    return model

@@ -1,0 +1,93 @@
+"""Runs a few training steps of the real trainer under any launcher and saves, from rank 0, what
+the equivalence tests compare: per-step global losses and gradient norms, the first step's
+routing and full gradients, and the final full parameters and thresholds of every rank.
+
+    torchrun --nproc_per_node 2 tests/distributed/equivalence_worker.py OUT.pt --config C --set parallel.ep=2
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from deepspeed.moe.utils import is_moe_param  # noqa: E402
+
+from diffmoe_scale.config import load_config  # noqa: E402
+from diffmoe_scale.parallel.runtime import init_runtime, shutdown_runtime  # noqa: E402
+from diffmoe_scale.train.trainer import Trainer, mean_over_ranks  # noqa: E402
+
+
+def all_gather(tensor, group=None):
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return parts
+
+
+def full_tensors(trainer, tensor_of) -> dict:
+    """name -> the whole model's tensor: expert shards concatenated over the EP group, TP shards over TP."""
+    groups, out = trainer.groups, {}
+    for name, param in trainer.model.named_parameters():
+        tensor = tensor_of(param)
+        if tensor is None:
+            continue
+        tensor = tensor.detach().float()
+        if is_moe_param(param) and groups.ep_size > 1:
+            tensor = torch.cat(all_gather(tensor, groups.ep_group))
+        if getattr(param, "tensor_model_parallel", False) and groups.tp_size > 1:
+            tp_group = groups.mpu.get_tensor_model_parallel_group()
+            tensor = torch.cat(all_gather(tensor, tp_group), dim=param.partition_dim)
+        out[name] = tensor
+    return out
+
+
+def routing_masks(trainer, micro_tokens: int) -> list:
+    """Per MoE layer, the [pool tokens, E] routing mask of the last forward."""
+    masks = []
+    for layer in trainer.model.moe_layers():
+        pair_expert, pair_token = layer.last_pairs
+        mask = torch.zeros(micro_tokens * layer.dispatch.size, layer.num_experts, dtype=torch.bool)
+        mask[pair_token, pair_expert] = True
+        masks.append(mask)
+    return masks
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--local_rank", type=int, default=None)
+    args = parser.parse_args()
+    config = load_config(args.config, args.overrides)
+    runtime = init_runtime()
+    trainer = Trainer(config, runtime)
+    record = {"loss": [], "grad_norm": [], "world_size": runtime.world_size}
+    tokens_per_micro = (config.train.global_batch_size // trainer.groups.dp_size // config.train.grad_accum_steps
+                        * trainer.tokens_per_image)
+    original_step = trainer.engine.step
+
+    def step_and_capture():  # the first optimizer step's gradients, before DeepSpeed applies them
+        if trainer.step == 0 and trainer.engine.is_gradient_accumulation_boundary() and "grads" not in record:
+            record["grads"] = full_tensors(trainer, lambda p: p.grad)
+            record["masks"] = routing_masks(trainer, tokens_per_micro)
+        original_step()
+
+    trainer.engine.step = step_and_capture
+    for _ in range(args.steps):
+        losses, grad_norm = trainer.train_step()
+        record["loss"].append(mean_over_ranks(losses))
+        record["grad_norm"].append(grad_norm)
+    record["params"] = full_tensors(trainer, lambda p: p)
+    record["thresholds"] = [torch.stack(all_gather(layer.thresholds.float())) if runtime.world_size > 1
+                            else layer.thresholds.float()[None] for layer in trainer.model.moe_layers()]
+    if runtime.is_main:
+        torch.save(record, args.out)
+    shutdown_runtime()
+
+
+if __name__ == "__main__":
+    main()
