@@ -122,7 +122,7 @@ def test_imagenet_config_matches_name_and_paper(stem):
     if ffn == "expert_choice":
         assert moe.pool == "sample"
     if ffn == "diffmoe":
-        assert (moe.pool, moe.predictor_loss_weight, moe.threshold_ema) == ("local", 1.0, 0.95)
+        assert (moe.pool, moe.predictor_loss_weight, moe.threshold_ema) == ("ep_group", 1.0, 0.95)
     # The paper's shared setting (ImageNet 256 -> 32x32x4 SD-VAE latents).
     assert (model.input_size, model.in_channels, model.patch_size, model.mlp_ratio) == (32, 4, 2, 4.0)
     assert (model.num_classes, model.class_dropout, model.learn_sigma) == (1000, 0.1, True)
@@ -199,7 +199,7 @@ def test_overrides_apply():
     assert config.optim.lr == 0.5 and isinstance(config.optim.lr, float)
     assert config.sample.sampler == "heun"
     assert config.parallel.ep == 2
-    assert config.moe.pool == "local"
+    assert config.moe.pool == "ep_group"
     assert config.train.out_dir == "runs/x y"
     # nothing else changed
     config.train.max_steps, config.moe.num_experts, config.optim.betas = base.train.max_steps, 4, base.optim.betas
@@ -286,6 +286,15 @@ BAD_CASES = [
     case("digits-size", DIGITS_BASE + "model:\n  input_size: 32\n", "model.input_size: the digits dataset is 8x8"),
     case("digits-classes", DIGITS_BASE + "model:\n  num_classes: 1000\n", "model.num_classes: the digits dataset has 10 classes"),
     case("latents-without-path", IMAGENET_BASE + "data:\n  path: null\n", "data.path: the latents dataset needs"),
+    case("tc-with-ep", DIGITS_BASE + "moe:\n  ffn: token_choice\nparallel:\n  ep: 2\n",
+         "parallel.ep: the token_choice baseline runs without expert parallelism"),
+    case("tp-vs-heads", DIGITS_BASE + "parallel:\n  tp: 3\n", "parallel.tp: must divide model.num_heads=4"),
+    case("tp-vs-ffn-width", DIGITS_BASE + "model:\n  mlp_ratio: 1.3\nparallel:\n  tp: 4\n",
+         "parallel.tp: must divide the FFN width 166"),
+    case("grad-accum-zero", DIGITS_BASE + "train:\n  grad_accum_steps: 0\n", "train.grad_accum_steps: must be at least 1"),
+    case("checkpoint-every-zero", DIGITS_BASE + "parallel:\n  activation_checkpointing_every: 0\n",
+         "parallel.activation_checkpointing_every: must be at least 1"),
+    case("bad-precision", DIGITS_BASE + "train:\n  precision: fp8\n", "train.precision must be one of"),
     # files
     case("missing-file", None, "config file not found", named="bad.yaml"),
     case("missing-base", "base: nowhere.yaml\n", "base file", named="nowhere.yaml"),

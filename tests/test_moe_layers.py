@@ -581,7 +581,7 @@ def test_moe_block_placement(ffn, interleave, moe_blocks, kind):
     if ffn == "expert_choice":
         assert all(layer.pool == "sample" and layer.predictor is None for layer in model.moe_layers())
     if ffn == "diffmoe":
-        assert all(layer.pool == "local" and layer.predictor is not None for layer in model.moe_layers())
+        assert all(layer.pool == "ep_group" and layer.predictor is not None for layer in model.moe_layers())
         # The router starts at N(0, 0.006^2), as the authors' gate.
         router_std = torch.cat([layer.router.weight.flatten() for layer in model.moe_layers()]).std().item()
         assert 0.004 < router_std < 0.008

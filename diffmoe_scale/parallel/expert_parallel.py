@@ -50,9 +50,6 @@ class ExpertParallelDispatch:
         self.group, self.size, self.rank = group, size, rank
         self.rows_sent = [0] * size  # token rows this rank sent to each rank, forward and return trips
 
-    def __deepcopy__(self, memo):  # an EMA copy of the model shares the process group
-        return self
-
     def gather(self, tensor):
         parts = [torch.empty_like(tensor) for _ in range(self.size)]
         dist.all_gather(parts, tensor.contiguous(), group=self.group)

@@ -1,13 +1,14 @@
 """Exponential moving average of a model's weights (kept in fp32, evaluated as its own module)."""
-import copy
-
 import torch
 
 
 class EMA:
+    """`model` is a second instance of the trained model, built the same way (it starts from that
+    model's weights); a deep copy would not do once layers hold process groups."""
+
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
-        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+        self.model = model.float().eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:

@@ -98,12 +98,11 @@ class Trainer:
         check_precision(config)
         self.groups = groups = setup_groups(config)
         self.dataset = build_dataset(config)
-        torch.manual_seed(config.train.seed)  # every rank builds the same full model, then keeps its shards
-        self.model = parallelize(build_model(config).to(runtime.device), config, groups)
+        self.model = self.build_parallel_model()
+        self.ema = EMA(self.build_parallel_model(), config.train.ema_decay)
         self.objective = build_objective(config)
         self.engine, _, self.scheduler = build_engine(config, self.model, groups)
         self.dtype = PRECISION_DTYPES[config.train.precision]
-        self.ema = EMA(self.model, config.train.ema_decay)
         self.sampler = ShuffledBatchSampler(
             len(self.dataset), config.train.global_batch_size, config.train.seed, groups.dp_rank, groups.dp_size
         )
@@ -113,6 +112,13 @@ class Trainer:
         self.step = 0
         self.weights = loss_weights(config)
         self.tokens_per_image = (config.model.input_size // config.model.patch_size) ** 2
+
+    def build_parallel_model(self):
+        """The model with this rank's shards. Every rank builds the same full model from the seed
+        first, so the shards of all ranks are slices of one model (and two calls give the same weights)."""
+        torch.manual_seed(self.config.train.seed)
+        model = build_model(self.config).to(self.runtime.device)
+        return parallelize(model, self.config, self.groups)
 
     def prepare_run_dir(self) -> None:
         if not self.runtime.is_main:

@@ -13,9 +13,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from deepspeed.moe.utils import is_moe_param  # noqa: E402
-
 from diffmoe_scale.config import load_config  # noqa: E402
+from diffmoe_scale.parallel.consolidate import full_state  # noqa: E402
 from diffmoe_scale.parallel.runtime import init_runtime, shutdown_runtime  # noqa: E402
 from diffmoe_scale.train.trainer import Trainer, mean_over_ranks  # noqa: E402
 
@@ -24,23 +23,6 @@ def all_gather(tensor, group=None):
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, tensor.contiguous(), group=group)
     return parts
-
-
-def full_tensors(trainer, tensor_of) -> dict:
-    """name -> the whole model's tensor: expert shards concatenated over the EP group, TP shards over TP."""
-    groups, out = trainer.groups, {}
-    for name, param in trainer.model.named_parameters():
-        tensor = tensor_of(param)
-        if tensor is None:
-            continue
-        tensor = tensor.detach().float()
-        if is_moe_param(param) and groups.ep_size > 1:
-            tensor = torch.cat(all_gather(tensor, groups.ep_group))
-        if getattr(param, "tensor_model_parallel", False) and groups.tp_size > 1:
-            tp_group = groups.mpu.get_tensor_model_parallel_group()
-            tensor = torch.cat(all_gather(tensor, tp_group), dim=param.partition_dim)
-        out[name] = tensor
-    return out
 
 
 def routing_masks(trainer, micro_tokens: int) -> list:
@@ -52,6 +34,15 @@ def routing_masks(trainer, micro_tokens: int) -> list:
         mask[pair_token, pair_expert] = True
         masks.append(mask)
     return masks
+
+
+def rows_sent(trainer) -> list:
+    """Per MoE layer, [rank, peer] token rows its dispatch sent so far (every rank's counts)."""
+    counts = []
+    for layer in trainer.model.moe_layers():
+        sent = torch.tensor(getattr(layer.dispatch, "rows_sent", [0]))
+        counts.append(torch.stack(all_gather(sent)) if dist.get_world_size() > 1 else sent[None])
+    return counts
 
 
 def main():
@@ -71,9 +62,11 @@ def main():
     original_step = trainer.engine.step
 
     def step_and_capture():  # the first optimizer step's gradients, before DeepSpeed applies them
-        if trainer.step == 0 and trainer.engine.is_gradient_accumulation_boundary() and "grads" not in record:
-            record["grads"] = full_tensors(trainer, lambda p: p.grad)
+        if trainer.step == 0 and trainer.engine.is_gradient_accumulation_boundary() and "masks" not in record:
             record["masks"] = routing_masks(trainer, tokens_per_micro)
+            record["rows_sent"] = rows_sent(trainer)
+            if config.parallel.zero_stage == 0:  # ZeRO keeps reduced gradients in its own partitions
+                record["grads"] = full_state(trainer.model, trainer.groups, lambda p: p.grad)
         original_step()
 
     trainer.engine.step = step_and_capture
@@ -81,7 +74,7 @@ def main():
         losses, grad_norm = trainer.train_step()
         record["loss"].append(mean_over_ranks(losses))
         record["grad_norm"].append(grad_norm)
-    record["params"] = full_tensors(trainer, lambda p: p)
+    record["params"] = full_state(trainer.model, trainer.groups)
     record["thresholds"] = [torch.stack(all_gather(layer.thresholds.float())) if runtime.world_size > 1
                             else layer.thresholds.float()[None] for layer in trainer.model.moe_layers()]
     if runtime.is_main:

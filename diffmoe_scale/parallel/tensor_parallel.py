@@ -1,0 +1,76 @@
+"""Megatron-style tensor parallelism of attention and dense FFNs through megatron-core.
+
+Attention: qkv is column parallel (each rank computes whole heads: its heads' q, k and v),
+proj is row parallel (partial sums all-reduced). Dense FFN: fc1 column parallel, fc2 row
+parallel. The sharded layers take their slices of the full layer the model was built with, so a
+TP run starts from exactly the TP=1 weights. MoE experts stay whole on each TP rank (the ranks of
+a TP group see the same tokens and route them identically).
+"""
+import torch
+import torch.nn as nn
+from megatron.core import ModelParallelConfig, parallel_state
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+from ..models import FeedForward
+from ..models.dit import Attention
+from .groups import ParallelGroups
+
+
+class ColumnLinear(ColumnParallelLinear):
+    """Column-parallel linear called like nn.Linear (megatron-core returns (output, bias))."""
+
+    def forward(self, x):
+        return super().forward(x)[0]
+
+
+class RowLinear(RowParallelLinear):
+    def forward(self, x):
+        return super().forward(x)[0]
+
+
+def _shard(linear: nn.Linear, kind, index: torch.Tensor, config: ModelParallelConfig, **kwargs):
+    """A `kind` parallel layer holding output rows (column parallel) or input columns (row parallel)
+    `index` of `linear`. Its sharded parameters carry `tp_index`, where their slices sit in the full
+    tensor along `partition_dim`, to put the full tensor back together."""
+    layer = kind(linear.in_features, linear.out_features, config=config, init_method=nn.init.zeros_,
+                 bias=True, skip_bias_add=False, **kwargs)
+    column = kind is ColumnLinear
+    with torch.no_grad():
+        layer.weight.copy_(linear.weight[index] if column else linear.weight[:, index])
+        layer.bias.copy_(linear.bias[index] if column else linear.bias)
+    # megatron-core marks sharded parameters only when it initialises them itself.
+    sharded = [(layer.weight, 0), (layer.bias, 0)] if column else [(layer.weight, 1)]
+    for param, dim in sharded:
+        if not hasattr(param, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
+        param.tp_index = index
+    return layer
+
+
+def _rank_slice(size: int, tp: int, rank: int) -> torch.Tensor:
+    share = size // tp
+    return torch.arange(rank * share, (rank + 1) * share)
+
+
+def apply_tensor_parallel(model, groups: ParallelGroups) -> None:
+    tp, rank = groups.tp_size, parallel_state.get_tensor_model_parallel_rank()
+    config = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
+                                 perform_initialization=False, params_dtype=torch.float32)
+    for module in list(model.modules()):
+        if isinstance(module, Attention):
+            dim = module.proj.in_features
+            own = _rank_slice(dim, tp, rank)  # this rank's heads' channels, in each of q, k and v
+            qkv_rows = torch.cat([own + part * dim for part in range(3)])
+            module.qkv = _shard(module.qkv, ColumnLinear, qkv_rows, config, gather_output=False)
+            module.proj = _shard(module.proj, RowLinear, own, config, input_is_parallel=True)
+            module.num_heads //= tp
+        elif isinstance(module, FeedForward) and not _inside_moe(model, module):
+            own = _rank_slice(module.fc1.out_features, tp, rank)
+            module.fc1 = _shard(module.fc1, ColumnLinear, own, config, gather_output=False)
+            module.fc2 = _shard(module.fc2, RowLinear, own, config, input_is_parallel=True)
+
+
+def _inside_moe(model, module) -> bool:
+    """Whether `module` is a MoE layer's shared FFN (kept whole, as the experts)."""
+    return any(module is layer.shared_ffn for layer in model.moe_layers())
