@@ -41,7 +41,8 @@ class TimestepEmbedder(nn.Module):
         half = self.frequency_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         angles = t.float()[:, None] * freqs[None]
-        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1))
+        frequencies = torch.cat([angles.cos(), angles.sin()], dim=-1)
+        return self.mlp(frequencies.to(self.mlp[0].weight.dtype))
 
 
 class Attention(nn.Module):
@@ -146,7 +147,7 @@ class DiT(nn.Module):
 
         Returns (prediction [B, out_channels, H, W], {loss name: sum over layers}).
         """
-        x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
+        x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y)
         aux_losses = {}
         for block in self.blocks:

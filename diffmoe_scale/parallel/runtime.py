@@ -1,9 +1,13 @@
 """Start torch.distributed the same way under every launcher, or alone."""
 import os
+import re
 import socket
 from dataclasses import dataclass
 
 import torch
+
+
+MPI_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 
 
 @dataclass
@@ -12,6 +16,7 @@ class Runtime:
     world_size: int
     local_rank: int
     device: torch.device
+    launcher: str = "single process"
 
     @property
     def is_main(self) -> bool:
@@ -24,16 +29,78 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_runtime() -> Runtime:
-    """Initialise the default process group (gloo on CPU, nccl on GPU) through DeepSpeed.
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: "gpu[03-05,07],cpu1" -> "gpu03"."""
+    head = re.match(r"[^,\[]+(\[[^\]]*\])?", nodelist).group(0)
+    if "[" not in head:
+        return head
+    prefix, ranges = head.split("[", 1)
+    return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
 
-    A plain `python` start is a world of one: the rendezvous variables are filled in locally.
-    """
+
+def _rendezvous_from_slurm() -> dict:
+    """A task started by srun: ranks from SLURM_*, the master on the step's first node."""
+    job_id = int(os.environ.get("SLURM_JOB_ID", "0"))
+    return {
+        "RANK": os.environ["SLURM_PROCID"],
+        "WORLD_SIZE": os.environ["SLURM_NTASKS"],
+        "LOCAL_RANK": os.environ.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": os.environ.get("MASTER_ADDR") or first_host(
+            os.environ.get("SLURM_STEP_NODELIST") or os.environ["SLURM_JOB_NODELIST"]),
+        "MASTER_PORT": os.environ.get("MASTER_PORT") or str(20000 + job_id % 20000),  # same on every task of the job
+    }
+
+
+def _rendezvous_from_mpi() -> dict:
+    """A process started by mpirun: ranks from mpi4py, rank 0's host and a free port broadcast."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    master = comm.bcast((socket.gethostname(), _free_port()) if comm.Get_rank() == 0 else None, root=0)
+    return {"RANK": str(comm.Get_rank()), "WORLD_SIZE": str(comm.Get_size()), "LOCAL_RANK": str(local_rank),
+            "MASTER_ADDR": os.environ.get("MASTER_ADDR") or master[0],
+            "MASTER_PORT": os.environ.get("MASTER_PORT") or str(master[1])}
+
+
+def discover_launcher() -> str:
+    """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for torch.distributed.
+
+    torchrun and the deepspeed launcher set them; srun and mpirun are read from their own
+    variables; a plain `python` start is a world of one. Returns the launcher's name."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return "env"
+    if "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ:  # srun sets the step; sbatch alone does not
+        os.environ.update(_rendezvous_from_slurm())
+        return "srun"
+    if any(name in os.environ for name in MPI_RANK_VARIABLES):
+        os.environ.update(_rendezvous_from_mpi())
+        return "mpirun"
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    return "single process"
+
+
+def processes_on_this_node() -> int:
+    for name in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE"):
+        if os.environ.get(name):
+            return int(re.match(r"\d+", os.environ[name]).group(0))  # Slurm writes e.g. "2(x3)"
+    return 1
+
+
+def share_cpu_cores() -> None:
+    """On CPU, split the cores among this node's ranks unless OMP_NUM_THREADS says otherwise:
+    ranks that each take every core slow each other down many times over."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes_on_this_node()))
+
+
+def init_runtime() -> Runtime:
+    """Initialise the default process group (gloo on CPU, nccl on GPU) through DeepSpeed, under
+    whichever launcher started this process (see `discover_launcher`)."""
     import deepspeed
 
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    launcher = discover_launcher()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -43,7 +110,8 @@ def init_runtime() -> Runtime:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    return Runtime(rank, world_size, local_rank, device)
+        share_cpu_cores()
+    return Runtime(rank, world_size, local_rank, device, launcher)
 
 
 def shutdown_runtime() -> None:

@@ -132,7 +132,7 @@ class Trainer:
         params = sum(p.numel() for p in self.model.parameters())
         groups = self.groups
         print(f"model: {params / 1e6:.2f}M parameters on rank 0, {len(self.model.moe_layers())} MoE layers "
-              f"({self.config.moe.ffn}); {groups.world_size} ranks: dp {groups.dp_size} x tp {groups.tp_size}, "
+              f"({self.config.moe.ffn}); {groups.world_size} ranks ({self.runtime.launcher}): dp {groups.dp_size} x tp {groups.tp_size}, "
               f"ep {groups.ep_size}, ZeRO {self.config.parallel.zero_stage}, {self.config.train.precision}; "
               f"run directory {self.out_dir}", flush=True)
 

@@ -1,0 +1,211 @@
+"""Scale-out equivalence on real processes (gloo on CPU): every parallel layout trains exactly as
+one process does, and every launcher starts the same training.
+
+Each case runs `tests/distributed/equivalence_worker.py` (the real trainer and DeepSpeed engine)
+under torchrun and compares its per-step losses, first-step routing and gradients, and final
+parameters and thresholds with a single-process reference on the same global batch.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+CONFIG = "configs/digits_diffmoe_e4_flow.yaml"
+COMMON = ["train.global_batch_size=32", "logging.every_steps=1"]
+RTOL = 1e-5  # fp32: one process and P ranks differ only in the order of float sums
+
+pytestmark = pytest.mark.slow
+
+
+def clean_env() -> dict:
+    """This environment without rendezvous or launcher variables (the in-process tests set some)."""
+    launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    return {k: v for k, v in os.environ.items()
+            if k not in launcher_vars and not k.startswith(("SLURM_", "OMPI_", "PMI"))}
+
+
+def run_checked(cmd: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def run_worker(tmp_path, nproc: int, *overrides: str, steps: int = 3) -> dict:
+    out = tmp_path / f"record_{nproc}_{'_'.join(overrides) or 'ref'}.pt"
+    args = ["tests/distributed/equivalence_worker.py", str(out), "--config", CONFIG, "--steps", str(steps)]
+    for override in (*COMMON, *overrides):
+        args += ["--set", override]
+    if nproc == 1:
+        run_checked([sys.executable, *args])
+    else:
+        run_checked([str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), *args])
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, the whole batch as one pool."""
+    return run_worker(tmp_path_factory.mktemp("reference"), 1)
+
+
+@pytest.fixture(scope="module")
+def reference_two_pools(tmp_path_factory):
+    """One process, the batch in two micro-batches: two pools, as two data-parallel EP groups."""
+    return run_worker(tmp_path_factory.mktemp("reference_two_pools"), 1, "train.grad_accum_steps=2")
+
+
+def assert_close_tensors(ours: dict, ref: dict, what: str, rtol: float = RTOL):
+    assert ours.keys() == ref.keys(), what
+    for name in ref:
+        scale = ref[name].abs().max().item() + 1e-12
+        error = (ours[name] - ref[name]).abs().max().item()
+        assert error <= rtol * scale, f"{what} {name}: max error {error:.3g} vs scale {scale:.3g}"
+
+
+def assert_same_training(ours: dict, ref: dict, *, routing=True, grads=True):
+    for step, (loss, ref_loss) in enumerate(zip(ours["loss"], ref["loss"]), 1):
+        for name in ref_loss:
+            assert loss[name] == pytest.approx(ref_loss[name], rel=RTOL), f"step {step} {name} loss"
+    assert ours["grad_norm"] == pytest.approx(ref["grad_norm"], rel=RTOL)
+    if routing:
+        for layer, (mask, ref_mask) in enumerate(zip(ours["masks"], ref["masks"])):
+            assert torch.equal(mask, ref_mask), f"MoE layer {layer}: routing differs"
+    if grads:
+        assert_close_tensors(ours["grads"], ref["grads"], "gradient after step 1")
+    assert_close_tensors(ours["params"], ref["params"], f"parameters after {len(ref['loss'])} steps")
+    for layer, (taus, ref_taus) in enumerate(zip(ours["thresholds"], ref["thresholds"])):
+        assert (taus == taus[0]).all(), f"MoE layer {layer}: thresholds differ between ranks"
+        torch.testing.assert_close(taus[0], ref_taus[0], rtol=RTOL, atol=1e-7)
+
+
+def test_ep2_equals_one_process(reference, tmp_path):
+    assert_same_training(run_worker(tmp_path, 2, "parallel.ep=2"), reference)
+
+
+def test_ep4_on_four_ranks_equals_one_process(reference, tmp_path):
+    assert_same_training(run_worker(tmp_path, 4, "parallel.ep=4"), reference)
+
+
+def test_dp2_ep1_equals_one_process_with_two_pools(reference_two_pools, tmp_path):
+    assert_same_training(run_worker(tmp_path, 2), reference_two_pools, routing=False)
+
+
+def test_dp4_ep2_equals_one_process_with_two_pools(reference_two_pools, tmp_path):
+    assert_same_training(run_worker(tmp_path, 4, "parallel.ep=2"), reference_two_pools, routing=False)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_stages_match_stage_0(reference, tmp_path, stage):
+    # ZeRO keeps reduced gradients in its own partitions: compare losses, norms and parameters.
+    assert_same_training(run_worker(tmp_path, 2, "parallel.ep=2", f"parallel.zero_stage={stage}"), reference,
+                         grads=False)
+
+
+def test_activation_checkpointing_matches_plain_backward(reference, tmp_path):
+    # Same routing, same gradients, thresholds updated once per step (not again by the recompute).
+    ours = run_worker(tmp_path, 2, "parallel.ep=2", "parallel.activation_checkpointing=true")
+    assert_same_training(ours, reference)
+
+
+def test_tp2_equals_tp1(reference, tmp_path):
+    assert_same_training(run_worker(tmp_path, 2, "parallel.tp=2"), reference)
+
+
+def test_tp2_with_ep2_and_zero1(reference, tmp_path):
+    ours = run_worker(tmp_path, 4, "parallel.tp=2", "parallel.ep=2", "parallel.zero_stage=1")
+    assert_same_training(ours, reference, grads=False)
+
+
+def test_all_to_all_moves_exactly_the_routed_tokens(reference, tmp_path):
+    """Rows each rank sends to each peer in step 1 (out and back) equal the count derived from the
+    routing mask: each (token, expert) pair once per direction, no padding to capacity."""
+    ranks = 2
+    ours = run_worker(tmp_path, ranks, "parallel.ep=2", steps=1)
+    experts_per_rank = 4 // ranks
+    for layer, (mask, sent) in enumerate(zip(reference["masks"], ours["rows_sent"])):
+        tokens_per_rank = len(mask) // ranks
+        owner = torch.arange(len(mask)) // tokens_per_rank
+        holder = torch.arange(mask.shape[1]) // experts_per_rank
+        pairs = torch.zeros(ranks, ranks, dtype=torch.long)  # [token's rank, expert's rank]
+        for token, expert in mask.nonzero().tolist():
+            pairs[owner[token], holder[expert]] += 1
+        expected = pairs + pairs.T  # tokens out to the expert's rank, results back to the token's rank
+        assert torch.equal(sent, expected), f"MoE layer {layer}: sent {sent.tolist()}, expected {expected.tolist()}"
+        assert sent.sum() == 2 * mask.sum()
+
+
+def test_bf16_tracks_fp32(reference, tmp_path):
+    ours = run_worker(tmp_path, 2, "parallel.ep=2", "parallel.zero_stage=1", "train.precision=bf16")
+    for loss, ref_loss in zip(ours["loss"], reference["loss"]):
+        assert loss["diffusion"] == pytest.approx(ref_loss["diffusion"], rel=0.02)
+
+
+def test_fp16_on_cpu_is_refused_clearly(tmp_path):
+    result = subprocess.run([sys.executable, "pretrain_diffmoe.py", "--config", CONFIG, "--set", "train.precision=fp16",
+                             "--set", f"train.out_dir={tmp_path}"], cwd=REPO, env=clean_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2
+    assert "train.precision: fp16 needs an accelerator with fp16 support" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers: the one entry point, EP=2 over two processes, the same losses under each.
+
+TRAIN = ["pretrain_diffmoe.py", "--config", CONFIG, "--set", "parallel.ep=2", "--set", "train.max_steps=4",
+         "--set", "logging.every_steps=2", "--set", "sample.steps=2", "--set", "sample.per_class=1"]
+
+
+def launch(launcher: str, out_dir: Path) -> list[str]:
+    train = [*TRAIN, "--set", f"train.out_dir={out_dir}"]
+    if launcher == "deepspeed":
+        return [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29517", *train]
+    if launcher == "torchrun":
+        return [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", *train]
+    return [str(VENV_BIN / "mpirun"), "--allow-run-as-root", "--oversubscribe", "-n", "2", sys.executable, *train]
+
+
+def final_loss(out_dir: Path) -> float:
+    import json
+
+    return json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+
+
+@pytest.fixture(scope="module")
+def single_process_loss(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("single")
+    run_checked([sys.executable, *TRAIN, "--set", "parallel.ep=1", "--set", f"train.out_dir={out_dir}"])
+    return final_loss(out_dir)
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun", "mpirun"])
+def test_launcher_runs_ep2_training(launcher, single_process_loss, tmp_path):
+    env_path = f"{VENV_BIN}:{os.environ['PATH']}"  # the deepspeed launcher starts `python` from PATH
+    os.environ["PATH"], saved = env_path, os.environ["PATH"]
+    try:
+        result = run_checked(launch(launcher, tmp_path))
+    finally:
+        os.environ["PATH"] = saved
+    expected_launcher = {"deepspeed": "env", "torchrun": "env", "mpirun": "mpirun"}[launcher]
+    assert f"2 ranks ({expected_launcher}): dp 2 x tp 1, ep 2" in result.stdout
+    assert (tmp_path / "samples.png").is_file()
+    assert final_loss(tmp_path) == pytest.approx(single_process_loss, rel=RTOL)
+
+
+def test_srun_variables_start_the_ranks(single_process_loss, tmp_path):
+    """Two tasks with the variables srun gives them (the real Slurm cluster runs in the recipe tests)."""
+    procs = []
+    for rank in range(2):
+        env = clean_env() | {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
+                             "SLURM_STEP_ID": "0", "SLURM_JOB_ID": str(os.getpid()),
+                             "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_TASKS_PER_NODE": "2"}
+        procs.append(subprocess.Popen([sys.executable, *TRAIN, "--set", f"train.out_dir={tmp_path}"], cwd=REPO,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "2 ranks (srun): dp 2 x tp 1, ep 2" in outputs[0]
+    assert final_loss(tmp_path) == pytest.approx(single_process_loss, rel=RTOL)
