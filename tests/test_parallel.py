@@ -36,10 +36,10 @@ def run_checked(cmd: list[str], timeout: int = 180) -> subprocess.CompletedProce
 
 
 def run_worker(tmp_path, nproc: int, *overrides: str, steps: int = 3) -> dict:
-    out = tmp_path / f"record_{nproc}_{'_'.join(overrides) or 'ref'}.pt"
+    out = tmp_path / f"record_{nproc}.pt"
     args = ["tests/distributed/equivalence_worker.py", str(out), "--config", CONFIG, "--steps", str(steps)]
     for override in (*COMMON, *overrides):
-        args += ["--set", override]
+        args += [override] if override.startswith("--") else ["--set", override]
     if nproc == 1:
         run_checked([sys.executable, *args])
     else:
@@ -81,6 +81,12 @@ def assert_same_training(ours: dict, ref: dict, *, routing=True, grads=True):
     for layer, (taus, ref_taus) in enumerate(zip(ours["thresholds"], ref["thresholds"])):
         assert (taus == taus[0]).all(), f"MoE layer {layer}: thresholds differ between ranks"
         torch.testing.assert_close(taus[0], ref_taus[0], rtol=RTOL, atol=1e-7)
+    assert (ours["capacity"] == ours["capacity"][0]).all(), "capacity statistics differ between ranks"
+    if routing:
+        torch.testing.assert_close(ours["capacity"][0], ref["capacity"][0], rtol=0, atol=0)
+        # Sampling with sharded experts: threshold routing with per-expert counts (C_avg ~ 1.9 here).
+        assert ours["sample_c_avg"] == pytest.approx(ref["sample_c_avg"], rel=RTOL) and ref["sample_c_avg"] < 3.5
+        torch.testing.assert_close(ours["samples"], ref["samples"], rtol=1e-4, atol=1e-4)
 
 
 def test_ep2_equals_one_process(reference, tmp_path):
@@ -137,6 +143,22 @@ def test_all_to_all_moves_exactly_the_routed_tokens(reference, tmp_path):
         expected = pairs + pairs.T  # tokens out to the expert's rank, results back to the token's rank
         assert torch.equal(sent, expected), f"MoE layer {layer}: sent {sent.tolist()}, expected {expected.tolist()}"
         assert sent.sum() == 2 * mask.sum()
+
+
+def test_deepspeed_checkpoint_writes_one_file_per_expert(reference, tmp_path):
+    """DeepSpeed knows the experts: its checkpoint of an EP=2 run files each expert of each MoE layer
+    separately (under its global id), keeps them out of the model file, and loads back exactly."""
+    checkpoint = tmp_path / "checkpoint"
+    ours = run_worker(tmp_path, 2, "parallel.ep=2", f"--checkpoint-dir={checkpoint}", steps=1)
+    expert_files = {f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
+                    for layer in range(3) for expert in range(4)}
+    assert expert_files <= set(ours["checkpoint_files"])
+    model_file = torch.load(checkpoint / "step3" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert not [key for key in model_file["module"] if "expert" in key]
+    # Layer 1 is the second MoE layer (block 3); expert 3 lives on EP rank 1.
+    expert_state = torch.load(checkpoint / "step3" / "layer_1_expert_3_mp_rank_00_model_states.pt")
+    w1 = expert_state["blocks.3.ffn.deepspeed_moe.experts.deepspeed_experts.3.w1"]
+    assert torch.equal(w1, ours["params"]["blocks.3.ffn.deepspeed_moe.experts.w1"][3])
 
 
 def test_bf16_tracks_fp32(reference, tmp_path):

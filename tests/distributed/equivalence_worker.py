@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from diffmoe_scale.config import load_config  # noqa: E402
 from diffmoe_scale.parallel.consolidate import full_state  # noqa: E402
 from diffmoe_scale.parallel.runtime import init_runtime, shutdown_runtime  # noqa: E402
-from diffmoe_scale.train.trainer import Trainer, mean_over_ranks  # noqa: E402
+from diffmoe_scale.train.trainer import Trainer, capacity_stats, mean_over_ranks  # noqa: E402
 
 
 def all_gather(tensor, group=None):
@@ -45,12 +45,31 @@ def rows_sent(trainer) -> list:
     return counts
 
 
+def gather_ranks(tensor):
+    """[world size, ...]: every rank's copy of `tensor`."""
+    return torch.stack(all_gather(tensor)) if dist.get_world_size() > 1 else tensor[None]
+
+
+def save_and_reload(trainer, directory: str) -> list[str]:
+    """Save a DeepSpeed checkpoint, load it back and check the parameters came back unchanged."""
+    before = {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
+    trainer.engine.save_checkpoint(directory, tag="step3")
+    with torch.no_grad():
+        for param in trainer.model.parameters():
+            param.zero_()
+    trainer.engine.load_checkpoint(directory, tag="step3")
+    for name, param in trainer.model.named_parameters():
+        assert torch.equal(param, before[name]), f"{name} did not come back from the checkpoint"
+    return sorted(path.name for path in (Path(directory) / "step3").iterdir())
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--checkpoint-dir", help="also save a DeepSpeed checkpoint here and load it back")
     parser.add_argument("--local_rank", type=int, default=None)
     args = parser.parse_args()
     config = load_config(args.config, args.overrides)
@@ -75,8 +94,15 @@ def main():
         record["loss"].append(mean_over_ranks(losses))
         record["grad_norm"].append(grad_norm)
     record["params"] = full_state(trainer.model, trainer.groups)
-    record["thresholds"] = [torch.stack(all_gather(layer.thresholds.float())) if runtime.world_size > 1
-                            else layer.thresholds.float()[None] for layer in trainer.model.moe_layers()]
+    record["thresholds"] = [gather_ranks(layer.thresholds.float()) for layer in trainer.model.moe_layers()]
+    record["capacity"] = gather_ranks(torch.tensor(capacity_stats(trainer.model)[1]))
+    for layer in trainer.ema.model.moe_layers():  # mid-range thresholds: experts take different token counts
+        layer.thresholds.fill_(0.5)
+    labels = torch.arange(8) % config.model.num_classes
+    noise = torch.randn(8, config.model.in_channels, 8, 8, generator=torch.Generator().manual_seed(5))
+    record["samples"], record["sample_c_avg"] = trainer.sample_images(labels, noise)
+    if args.checkpoint_dir:
+        record["checkpoint_files"] = save_and_reload(trainer, args.checkpoint_dir)
     if runtime.is_main:
         torch.save(record, args.out)
     shutdown_runtime()
