@@ -594,3 +594,20 @@ def test_moe_block_placement(ffn, interleave, moe_blocks, kind):
 def test_predictor_with_per_sample_pool_is_refused():
     with pytest.raises(ValueError, match="expert choice"):
         DiffMoELayer(DIM, 4 * DIM, 4, pool="sample", use_predictor=True)
+
+
+@pytest.mark.parametrize("routing", ["threshold", "batch_independent"])
+def test_inference_with_experts_that_take_no_tokens(routing):
+    layer = make_diffmoe(4).eval()
+    layer.inference_routing = routing
+    x = random_input(2, 6)
+    with torch.no_grad():
+        layer.thresholds.fill_(2.0)  # above any probability: every expert takes nothing
+        out, _ = layer(x)
+        assert torch.equal(out, torch.zeros_like(out)) and layer.last_tokens_per_expert.tolist() == [0] * 4
+        layer.thresholds[1] = 0.0  # only expert 1 takes tokens (all of them)
+        out, _ = layer(x)
+    assert layer.last_tokens_per_expert.tolist() == [0, 12, 0, 0]
+    tokens = x.reshape(-1, DIM)
+    expected = layer.router(tokens).softmax(dim=-1)[:, 1:2] * layer.experts.expert(1, tokens)
+    torch.testing.assert_close(out.reshape(-1, DIM), expected, rtol=1e-10, atol=1e-12)

@@ -68,7 +68,7 @@ class Experts(nn.Module):
         One batched matmul when every expert has the same count (training), a loop otherwise.
         """
         if len(set(counts)) == 1:
-            return self(x.view(self.num_experts, counts[0], -1)).view(x.shape)
+            return self(x.view(self.num_experts, counts[0], x.shape[-1])).view(x.shape)
         chunks = x.split(counts)
         return torch.cat([self.expert(e, chunk) for e, chunk in enumerate(chunks)])
 

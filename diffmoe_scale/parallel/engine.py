@@ -66,9 +66,10 @@ def build_engine(config: Config, model: torch.nn.Module, groups: ParallelGroups)
     return engine, optimizer, scheduler
 
 
-def grad_norm(model: torch.nn.Module, groups: ParallelGroups) -> torch.Tensor:
-    """L2 norm of the whole model's gradient, each parameter counted once: replicated parameters
-    from this rank, tensor-parallel shards summed over the TP group, expert shards over the EP group."""
+def grad_square_sums(model: torch.nn.Module, groups: ParallelGroups) -> dict[str, torch.Tensor]:
+    """Sum of squared gradient entries of the whole model by parameter kind, each parameter counted
+    once: replicated ones from this rank, tensor-parallel shards summed over the TP group, expert
+    shards over the EP group."""
     squares = {"replicated": [], "tensor_parallel": [], "expert": []}
     for param in model.parameters():
         if param.grad is None:
@@ -81,13 +82,13 @@ def grad_norm(model: torch.nn.Module, groups: ParallelGroups) -> torch.Tensor:
         dist.all_reduce(total["expert"], group=groups.ep_group)
     if groups.tp_size > 1:
         dist.all_reduce(total["tensor_parallel"], group=groups.mpu.get_tensor_model_parallel_group())
-    return sum(total.values()).sqrt()
+    return total
 
 
 @torch.no_grad()
 def clip_grad_norm_(model: torch.nn.Module, max_norm: float, groups: ParallelGroups) -> float:
     """Scale the gradients to norm at most max_norm (0: no clipping) as torch does; returns the norm before."""
-    norm = grad_norm(model, groups)
+    norm = sum(grad_square_sums(model, groups).values()).sqrt()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for param in model.parameters():

@@ -14,9 +14,24 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from diffmoe_scale.config import load_config  # noqa: E402
+from diffmoe_scale.models import DiT  # noqa: E402
 from diffmoe_scale.parallel.consolidate import full_state  # noqa: E402
+from diffmoe_scale.parallel.engine import grad_square_sums  # noqa: E402
 from diffmoe_scale.parallel.runtime import init_runtime, shutdown_runtime  # noqa: E402
 from diffmoe_scale.train.trainer import Trainer, capacity_stats, mean_over_ranks  # noqa: E402
+
+
+DIT_INIT = DiT._init_weights
+
+
+def init_away_from_zero(model):
+    """DiT's adaLN-Zero init makes every block the identity: experts, router and attention would get
+    zero gradients at first and an equivalence test could not see them. Move the zero-initialised
+    modulation and output layers to small random values (same seed on every rank)."""
+    DIT_INIT(model)
+    for name, param in model.named_parameters():
+        if "adaLN_modulation" in name or "final_layer" in name:
+            torch.nn.init.normal_(param, std=0.02)
 
 
 def all_gather(tensor, group=None):
@@ -73,6 +88,7 @@ def main():
     parser.add_argument("--local_rank", type=int, default=None)
     args = parser.parse_args()
     config = load_config(args.config, args.overrides)
+    DiT._init_weights = init_away_from_zero
     runtime = init_runtime()
     trainer = Trainer(config, runtime)
     record = {"loss": [], "grad_norm": [], "world_size": runtime.world_size}
@@ -86,6 +102,7 @@ def main():
             record["rows_sent"] = rows_sent(trainer)
             if config.parallel.zero_stage == 0:  # ZeRO keeps reduced gradients in its own partitions
                 record["grads"] = full_state(trainer.model, trainer.groups, lambda p: p.grad)
+                record["grad_square_sums"] = grad_square_sums(trainer.model, trainer.groups)
         original_step()
 
     trainer.engine.step = step_and_capture
