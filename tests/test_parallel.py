@@ -114,6 +114,19 @@ def test_dp4_ep2_equals_one_process_with_two_pools(reference_two_pools, tmp_path
     assert_same_training(run_worker(tmp_path, 4, "parallel.ep=2"), reference_two_pools, routing=False)
 
 
+def test_local_pool_with_ep2_keeps_each_rank_batch_as_its_pool(reference_two_pools, tmp_path):
+    # moe.pool=local (the authors' DDP semantics) with sharded experts: two pools, one per rank.
+    assert_same_training(run_worker(tmp_path, 2, "parallel.ep=2", "moe.pool=local"), reference_two_pools,
+                         routing=False)
+
+
+def test_expert_choice_baseline_with_ep2(tmp_path):
+    # EC-DiT: each sample is its own pool whatever the layout.
+    expert_choice = ("moe.ffn=expert_choice", "moe.pool=sample")
+    assert_same_training(run_worker(tmp_path, 2, "parallel.ep=2", *expert_choice),
+                         run_worker(tmp_path, 1, *expert_choice))
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_stages_match_stage_0(reference, tmp_path, stage):
     # ZeRO keeps reduced gradients in its own partitions: compare losses, norms and parameters.

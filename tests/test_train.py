@@ -73,13 +73,13 @@ def test_readme_default_command_writes_metrics_config_and_samples(tmp_path):
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [10, 20]
     for key in ("step", "loss", "lr", "grad_norm", "c_avg", "images_per_s", "tokens_per_s", "predictor_loss",
-                "capacity", "peak_memory_mb"):
+                "capacity", "peak_memory_mb", "all_to_all_mb"):
         assert key in records[-1], key
     assert records[-1]["grad_norm"] > 0
     assert len(records[-1]["capacity"]) == 3 and len(records[-1]["capacity"][0]) == 4  # 3 MoE layers x 4 experts
 
     resolved = load_config(tmp_path / "config.yaml")
-    assert resolved.train.max_steps == 20 and resolved.moe.pool == "local"
+    assert resolved.train.max_steps == 20 and resolved.moe.pool == "ep_group"
 
     grid = Image.open(tmp_path / "samples.png")
     per_class = resolved.sample.per_class

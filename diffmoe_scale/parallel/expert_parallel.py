@@ -148,6 +148,15 @@ def apply_expert_parallel(model, groups: ParallelGroups) -> None:
             setattr(parent, child_name, DeepSpeedMoE(child, groups))
 
 
+def rows_sent_to_other_ranks(model) -> int:
+    """Token rows this rank's all-to-alls have sent to other ranks so far (forward passes, both trips)."""
+    total = 0
+    for layer in model.moe_layers():
+        if isinstance(layer.dispatch, ExpertParallelDispatch):
+            total += sum(layer.dispatch.rows_sent) - layer.dispatch.rows_sent[layer.dispatch.rank]
+    return total
+
+
 def _predictor_layers(model) -> list[DiffMoELayer]:
     return [layer for layer in model.moe_layers() if isinstance(layer, DiffMoELayer) and layer.predictor is not None]
 

@@ -82,7 +82,7 @@ def discover_launcher() -> str:
 
 
 def processes_on_this_node() -> int:
-    for name in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE"):
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE"):
         if os.environ.get(name):
             return int(re.match(r"\d+", os.environ[name]).group(0))  # Slurm writes e.g. "2(x3)"
     return 1

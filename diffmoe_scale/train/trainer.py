@@ -12,7 +12,7 @@ from ..data import ShuffledBatchSampler, build_dataset
 from ..diffusion import build_objective
 from ..models import build_model
 from ..parallel.engine import PRECISION_DTYPES, build_engine, clip_grad_norm_, clips_in_engine
-from ..parallel.expert_parallel import apply_threshold_quantiles, take_pending_quantiles
+from ..parallel.expert_parallel import apply_threshold_quantiles, rows_sent_to_other_ranks, take_pending_quantiles
 from ..parallel.groups import setup_groups
 from ..parallel.parallelize import parallelize
 from ..parallel.runtime import Runtime
@@ -106,11 +106,11 @@ class Trainer:
         self.sampler = ShuffledBatchSampler(
             len(self.dataset), config.train.global_batch_size, config.train.seed, groups.dp_rank, groups.dp_size
         )
-        # Noise, timesteps and label dropout are drawn for the whole global batch on every rank and
-        # each micro-batch takes its rows: the numbers do not depend on the parallel layout.
+        # Noise, timesteps and label dropout: drawn for the whole global batch (see next_rank_batch).
         self.generator = torch.Generator(device=runtime.device).manual_seed(config.train.seed * 1000 + 1)
         self.step = 0
         self.weights = loss_weights(config)
+        self.rows_sent_logged = 0  # all-to-all rows sent to other ranks up to the last metrics record
         self.tokens_per_image = (config.model.input_size // config.model.patch_size) ** 2
 
     def build_parallel_model(self):
@@ -130,20 +130,27 @@ class Trainer:
             metrics.unlink()
         dump_config(self.config, self.out_dir / "config.yaml")
         params = sum(p.numel() for p in self.model.parameters())
-        groups = self.groups
+        groups, config = self.groups, self.config
         print(f"model: {params / 1e6:.2f}M parameters on rank 0, {len(self.model.moe_layers())} MoE layers "
-              f"({self.config.moe.ffn}); {groups.world_size} ranks ({self.runtime.launcher}): dp {groups.dp_size} x tp {groups.tp_size}, "
-              f"ep {groups.ep_size}, ZeRO {self.config.parallel.zero_stage}, {self.config.train.precision}; "
-              f"run directory {self.out_dir}", flush=True)
+              f"({config.moe.ffn}); {groups.world_size} ranks ({self.runtime.launcher}): "
+              f"dp {groups.dp_size} x tp {groups.tp_size}, ep {groups.ep_size}, ZeRO {config.parallel.zero_stage}, "
+              f"{config.train.precision}; run directory {self.out_dir}", flush=True)
 
-    def draw_batch_randomness(self) -> dict[str, torch.Tensor]:
-        """Noise, timesteps and label-dropout bits of every sample of the next global batch."""
-        config = self.config
+    def next_rank_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """This rank's rows of the next global batch: images, labels and their random draws.
+
+        Noise, timesteps and label-dropout bits are drawn for the whole global batch on every rank
+        and each rank keeps its rows, so a sample's numbers do not depend on the parallel layout."""
+        config, groups = self.config, self.groups
+        indices, flips = self.sampler.next_indices()
+        images, labels = self.dataset.batch(indices, flips)
         size = config.model.input_size
         shape = (config.train.global_batch_size, config.model.in_channels, size, size)
         noise, t = self.objective.draw(shape, self.generator, self.dtype)
         drop = torch.rand(shape[0], generator=self.generator, device=self.generator.device) < config.model.class_dropout
-        return {"noise": noise, "t": t, "drop": drop}
+        own = slice(groups.dp_rank * len(indices), (groups.dp_rank + 1) * len(indices))
+        draws = {"noise": noise[own], "t": t[own], "drop": drop[own]}
+        return images.to(self.runtime.device, self.dtype), labels.to(self.runtime.device), draws
 
     def forward_backward(self, images, labels, draws: dict) -> dict[str, torch.Tensor]:
         """One micro-batch forward and backward; returns its (unweighted) losses."""
@@ -157,29 +164,22 @@ class Trainer:
         """One optimizer step over this rank's rows of the global batch, in micro-batches.
 
         Returns this rank's losses (mean over its micro-batches) and the gradient norm before clipping."""
-        config, groups = self.config, self.groups
-        indices, flips = self.sampler.next_indices()
-        images, labels = self.dataset.batch(indices, flips)
-        images, labels = images.to(self.runtime.device, self.dtype), labels.to(self.runtime.device)
-        draws = self.draw_batch_randomness()
-        micro = len(indices) // config.train.grad_accum_steps
-        first_row = groups.dp_rank * len(indices)  # this rank's rows of the global batch
-        losses, quantiles = {}, 0
-        for start in range(0, len(indices), micro):
-            rows = slice(start, start + micro)
-            global_rows = slice(first_row + start, first_row + start + micro)
-            micro_losses = self.forward_backward(images[rows], labels[rows], {k: v[global_rows] for k, v in draws.items()})
+        config, accum = self.config, self.config.train.grad_accum_steps
+        images, labels, draws = self.next_rank_batch()
+        micro = len(images) // accum
+        losses, quantiles, grad_norm = {}, 0, None
+        for i in range(accum):
+            rows = slice(i * micro, (i + 1) * micro)
+            micro_losses = self.forward_backward(images[rows], labels[rows], {k: v[rows] for k, v in draws.items()})
             for name, value in micro_losses.items():
-                losses[name] = losses.get(name, 0) + value.detach() / config.train.grad_accum_steps
+                losses[name] = losses.get(name, 0) + value.detach() / accum
             quantiles = quantiles + take_pending_quantiles(self.model)
-            is_last = start + micro == len(indices)
-            grad_norm = None
-            if is_last and not clips_in_engine(config):
-                grad_norm = clip_grad_norm_(self.model, config.optim.grad_clip, groups)
+            if i == accum - 1 and not clips_in_engine(config):
+                grad_norm = clip_grad_norm_(self.model, config.optim.grad_clip, self.groups)
             self.engine.step()  # DeepSpeed steps the optimizer after the last micro-batch only
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
-        apply_threshold_quantiles(self.model, quantiles / config.train.grad_accum_steps)
+        apply_threshold_quantiles(self.model, quantiles / accum)
         self.ema.update(self.model)
         self.step += 1
         return losses, float(grad_norm)
@@ -197,7 +197,7 @@ class Trainer:
                 window_steps += 1
                 if self.step % config.logging.every_steps == 0 or self.step == config.train.max_steps:
                     elapsed = time.perf_counter() - window_start
-                    log.log(self.metrics_record(mean_over_ranks(losses), grad_norm, elapsed / window_steps))
+                    log.log(self.metrics_record(mean_over_ranks(losses), grad_norm, window_steps, elapsed / window_steps))
                     window_start, window_steps = time.perf_counter(), 0
         finally:
             stop.restore()
@@ -208,9 +208,13 @@ class Trainer:
         self.save_samples(self.out_dir / "samples.png")
         return 0
 
-    def metrics_record(self, losses: dict, grad_norm: float, step_time: float) -> dict:
+    def metrics_record(self, losses: dict, grad_norm: float, window_steps: int, step_time: float) -> dict:
         c_avg, capacity = capacity_stats(self.model)
         images_per_s = self.config.train.global_batch_size / step_time
+        rows_sent = rows_sent_to_other_ranks(self.model)
+        # The backward all-to-alls move as many rows as the forward ones.
+        a2a_bytes = 2 * (rows_sent - self.rows_sent_logged) * self.config.model.hidden_size * self.dtype.itemsize
+        self.rows_sent_logged = rows_sent
         return {
             "step": self.step,
             "loss": losses["diffusion"],
@@ -223,6 +227,7 @@ class Trainer:
             "images_per_s": images_per_s,
             "tokens_per_s": images_per_s * self.tokens_per_image,
             "peak_memory_mb": peak_memory_mb(self.runtime.device),
+            "all_to_all_mb": a2a_bytes / window_steps / 2**20,  # this rank to the others, per step
         }
 
     @torch.no_grad()
