@@ -31,7 +31,8 @@ def clean_env() -> dict:
 
 def run_checked(cmd: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(cmd)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    output = f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    assert result.returncode == 0, f"{' '.join(cmd)} exited {result.returncode}:\n{output}"
     return result
 
 
@@ -84,7 +85,8 @@ def assert_same_training(ours: dict, ref: dict, *, routing=True, grads=True):
                                ("dense", [g for n, g in ours["grads"].items() if not is_expert[n]])):
             ours_sum = ours["grad_square_sums"]["expert"] if kind == "expert" else (
                 ours["grad_square_sums"]["replicated"] + ours["grad_square_sums"]["tensor_parallel"])
-            assert ours_sum.item() == pytest.approx(sum(g.double().pow(2).sum().item() for g in expected), rel=RTOL), kind
+            whole_model_sum = sum(g.double().pow(2).sum().item() for g in expected)
+            assert ours_sum.item() == pytest.approx(whole_model_sum, rel=RTOL), kind
     # Adam turns float noise in near-zero gradients into steps of up to lr: allow 1e-6 absolute.
     assert_close_tensors(ours["params"], ref["params"], f"parameters after {len(ref['loss'])} steps", atol=1e-6)
     for layer, (taus, ref_taus) in enumerate(zip(ours["thresholds"], ref["thresholds"])):

@@ -62,7 +62,8 @@ class DiffMoELayer(RoutedFFN):
         pool_size = self.pool_size(batch, seq)
         losses = {}
         if self.training or self.inference_routing == "capacity":
-            predictor_logits = self.predictor(tokens.detach()) if self.training and self.predictor else None
+            use_predictor = self.training and self.predictor is not None
+            predictor_logits = self.predictor(tokens.detach()) if use_predictor else None
             pooled = self._gather_routing_inputs(scores, predictor_logits)
             k = self.tokens_per_expert(pool_size)
             pool_scores = pooled[:, : self.num_experts]
@@ -72,7 +73,8 @@ class DiffMoELayer(RoutedFFN):
             if predictor_logits is not None:
                 pool_mask = torch.zeros_like(pool_scores).scatter_(0, token_idx.T, 1.0)  # [pool, E]
                 own_rows = pool_mask[self.dispatch.rank * len(tokens) : (self.dispatch.rank + 1) * len(tokens)]
-                losses["predictor"] = F.binary_cross_entropy_with_logits(predictor_logits, own_rows.to(predictor_logits.dtype))
+                target = own_rows.to(predictor_logits.dtype)
+                losses["predictor"] = F.binary_cross_entropy_with_logits(predictor_logits, target)
                 pool_probs = pooled[:, self.num_experts :].reshape(-1, pool_size, self.num_experts)
                 self.pending_quantile = pool_probs.topk(k, dim=1).values[:, -1].mean(dim=0)  # [E]
         else:
@@ -93,7 +95,8 @@ class DiffMoELayer(RoutedFFN):
         Only small N x E tensors travel; every rank then takes the same routing decisions."""
         routing_inputs = scores.detach()
         if predictor_logits is not None:
-            routing_inputs = torch.cat([routing_inputs, torch.sigmoid(predictor_logits.detach()).to(scores.dtype)], dim=1)
+            probs = torch.sigmoid(predictor_logits.detach()).to(scores.dtype)
+            routing_inputs = torch.cat([routing_inputs, probs], dim=1)
         return self.dispatch.gather(routing_inputs)
 
     def tokens_per_expert(self, pool_size: int) -> int:

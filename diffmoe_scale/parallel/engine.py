@@ -23,7 +23,9 @@ def deepspeed_config(config: Config, dp_size: int) -> dict:
         "train_micro_batch_size_per_gpu": config.train.global_batch_size // (dp_size * config.train.grad_accum_steps),
         "gradient_accumulation_steps": config.train.grad_accum_steps,
         "gradient_clipping": config.optim.grad_clip if clips_in_engine(config) else 0.0,
-        "zero_optimization": {"stage": config.parallel.zero_stage, "contiguous_gradients": True, "reduce_scatter": True},
+        # DeepSpeed's MoE support in ZeRO 1/2 requires contiguous gradients and reduce-scatter.
+        "zero_optimization": {"stage": config.parallel.zero_stage, "contiguous_gradients": True,
+                              "reduce_scatter": True},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 2**62,  # progress is ours to print

@@ -68,10 +68,14 @@ def setup_groups(config: Config) -> ParallelGroups:
 
 
 class MegatronMPU:
-    """megatron-core's parallel_state under the names DeepSpeed asks an `mpu` for."""
+    """megatron-core's parallel_state under the names DeepSpeed asks an `mpu` for: its own names for
+    the data- and tensor-parallel groups, and "model parallel" meaning tensor parallel here."""
 
     def __init__(self, parallel_state):
         self.state = parallel_state
+
+    def __getattr__(self, name):
+        return getattr(self.state, name)
 
     def get_model_parallel_rank(self):
         return self.state.get_tensor_model_parallel_rank()
@@ -81,21 +85,3 @@ class MegatronMPU:
 
     def get_model_parallel_group(self):
         return self.state.get_tensor_model_parallel_group()
-
-    def get_tensor_model_parallel_rank(self):
-        return self.state.get_tensor_model_parallel_rank()
-
-    def get_tensor_model_parallel_world_size(self):
-        return self.state.get_tensor_model_parallel_world_size()
-
-    def get_tensor_model_parallel_group(self):
-        return self.state.get_tensor_model_parallel_group()
-
-    def get_data_parallel_rank(self):
-        return self.state.get_data_parallel_rank()
-
-    def get_data_parallel_world_size(self):
-        return self.state.get_data_parallel_world_size()
-
-    def get_data_parallel_group(self):
-        return self.state.get_data_parallel_group()

@@ -197,7 +197,8 @@ class Trainer:
                 window_steps += 1
                 if self.step % config.logging.every_steps == 0 or self.step == config.train.max_steps:
                     elapsed = time.perf_counter() - window_start
-                    log.log(self.metrics_record(mean_over_ranks(losses), grad_norm, window_steps, elapsed / window_steps))
+                    step_time = elapsed / window_steps
+                    log.log(self.metrics_record(mean_over_ranks(losses), grad_norm, window_steps, step_time))
                     window_start, window_steps = time.perf_counter(), 0
         finally:
             stop.restore()
