@@ -23,6 +23,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """Returns 2 on a bad config; otherwise trains and ends the process with the run's exit code."""
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
@@ -30,17 +31,17 @@ def main(argv=None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     # Heavy imports only once the config is known to be good.
-    from diffmoe_scale.parallel.runtime import init_runtime, shutdown_runtime
+    from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime
     from diffmoe_scale.train.trainer import Trainer
 
     runtime = init_runtime()
     try:
-        return Trainer(config, runtime).train()
+        code = Trainer(config, runtime).train()
     except ConfigError as err:  # raised by parts that check the config against what this build has
         print(f"config error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown_runtime()
+        code = 2
+    shutdown_runtime()
+    exit_process(code)
 
 
 if __name__ == "__main__":

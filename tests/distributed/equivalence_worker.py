@@ -17,7 +17,7 @@ from diffmoe_scale.config import load_config  # noqa: E402
 from diffmoe_scale.models import DiT  # noqa: E402
 from diffmoe_scale.parallel.consolidate import full_state  # noqa: E402
 from diffmoe_scale.parallel.engine import grad_square_sums  # noqa: E402
-from diffmoe_scale.parallel.runtime import init_runtime, shutdown_runtime  # noqa: E402
+from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime  # noqa: E402
 from diffmoe_scale.train.trainer import Trainer, capacity_stats, mean_over_ranks  # noqa: E402
 
 
@@ -123,6 +123,7 @@ def main():
     if runtime.is_main:
         torch.save(record, args.out)
     shutdown_runtime()
+    exit_process(0)
 
 
 if __name__ == "__main__":
