@@ -611,3 +611,21 @@ def test_inference_with_experts_that_take_no_tokens(routing):
     tokens = x.reshape(-1, DIM)
     expected = layer.router(tokens).softmax(dim=-1)[:, 1:2] * layer.experts.expert(1, tokens)
     torch.testing.assert_close(out.reshape(-1, DIM), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_gradients_are_bit_reproducible_with_several_threads():
+    """Tokens are gathered once per selecting expert, so their gradients are sums over duplicates.
+    Advanced indexing's backward adds those with atomics across CPU threads (the result changes run
+    to run, and so would a resumed run); the dispatch must use a deterministic gather."""
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    layer = DiffMoELayer(64, 128, 4, capacity=2.0).train()
+    x = torch.randn(32, 64, 64, requires_grad=True)
+    upstream = torch.randn(32, 64, 64)
+    grads = []
+    for _ in range(8):
+        x.grad = None
+        out, _ = layer(x)
+        (out * upstream).sum().backward()
+        grads.append(x.grad.clone())
+    assert all(torch.equal(grad, grads[0]) for grad in grads)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 
 from ..models import RoutedFFN
+from ..models.experts import gate_values
 from ..models.diffmoe import DiffMoELayer
 from .groups import ParallelGroups
 
@@ -67,13 +68,13 @@ class ExpertParallelDispatch:
         arriving_owner = owner[holder == self.rank]
         recv_splits = torch.bincount(arriving_owner, minlength=self.size).tolist()
         arrival_order = torch.argsort(arriving_owner, stable=True)  # arrival row i is served pair arrival_order[i]
-        received = all_to_all(tokens[send_token], recv_splits, send_splits, self.group)
-        expert_in = received[torch.argsort(arrival_order)]
+        received = all_to_all(tokens.index_select(0, send_token), recv_splits, send_splits, self.group)
+        expert_in = received.index_select(0, torch.argsort(arrival_order))
         first = experts.first_expert
         expert_out = experts.forward_sorted(expert_in, counts[first : first + local_experts])
-        returned = all_to_all(expert_out[arrival_order], send_splits, recv_splits, self.group)
+        returned = all_to_all(expert_out.index_select(0, arrival_order), send_splits, recv_splits, self.group)
         self._count(send_splits, recv_splits)
-        gates = scores[send_token, send_expert].unsqueeze(1)
+        gates = gate_values(scores, send_expert, send_token).unsqueeze(1)
         return torch.zeros_like(tokens).index_add_(0, send_token, gates * returned)
 
     def _count(self, send_splits, recv_splits):
