@@ -41,6 +41,11 @@ class ModelConfig:
     class_dropout: float = 0.1
     learn_sigma: bool = True
 
+    @property
+    def ffn_width(self) -> int:
+        """Hidden width of the dense FFN and of each expert."""
+        return int(self.hidden_size * self.mlp_ratio)
+
 
 @dataclass
 class MoEConfig:
@@ -268,8 +273,7 @@ def _resolve_and_validate(config: Config, source: str) -> None:
     require(model.mlp_ratio > 0, "model.mlp_ratio", "must be positive")
     require(model.num_heads % parallel.tp == 0, "parallel.tp",
             f"must divide model.num_heads={model.num_heads} (each rank takes whole heads)")
-    require(int(model.hidden_size * model.mlp_ratio) % parallel.tp == 0, "parallel.tp",
-            f"must divide the FFN width {int(model.hidden_size * model.mlp_ratio)}")
+    require(model.ffn_width % parallel.tp == 0, "parallel.tp", f"must divide the FFN width {model.ffn_width}")
 
     if moe.pool is None:
         moe.pool = "sample" if moe.ffn == "expert_choice" else "ep_group"

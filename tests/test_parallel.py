@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import clean_env, read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 CONFIG = "configs/digits_diffmoe_e4_flow.yaml"
@@ -20,13 +22,6 @@ COMMON = ["train.global_batch_size=32", "logging.every_steps=1"]
 RTOL = 1e-5  # fp32: one process and P ranks differ only in the order of float sums
 
 pytestmark = pytest.mark.slow
-
-
-def clean_env() -> dict:
-    """This environment without rendezvous or launcher variables (the in-process tests set some)."""
-    launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    return {k: v for k, v in os.environ.items()
-            if k not in launcher_vars and not k.startswith(("SLURM_", "OMPI_", "PMI"))}
 
 
 def run_checked(cmd: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
@@ -216,9 +211,7 @@ def launch(launcher: str, out_dir: Path) -> list[str]:
 
 
 def final_loss(out_dir: Path) -> float:
-    import json
-
-    return json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+    return read_metrics(out_dir)[-1]["loss"]
 
 
 @pytest.fixture(scope="module")

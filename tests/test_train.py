@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from diffmoe_scale.config import load_config
+from tests.helpers import clean_env, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_CONFIGS = {
@@ -20,10 +21,6 @@ DIGITS_CONFIGS = {
     "diffmoe": "configs/digits_diffmoe_e4_flow.yaml",
     "diffmoe_ddpm": "configs/digits_diffmoe_e4_ddpm.yaml",
 }
-
-
-def read_metrics(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +49,9 @@ def test_each_ffn_kind_learns_digits(kind, runtime, tmp_path):
     assert (tmp_path / "samples.png").is_file()
 
 
-def standalone_env() -> dict:
-    """This process's environment without the rendezvous variables the in-process runtime set."""
-    rendezvous = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    return {k: v for k, v in os.environ.items() if k not in rendezvous}
-
-
 def run_cli(*args):
     return subprocess.run([sys.executable, "pretrain_diffmoe.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env=standalone_env())
+                          timeout=600, env=clean_env())
 
 
 @pytest.mark.slow
@@ -92,7 +83,7 @@ def test_ctrl_c_stops_at_a_step_boundary_and_keeps_metrics(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "pretrain_diffmoe.py", "--config", "configs/digits_diffmoe_e4_flow.yaml",
          "--set", "train.max_steps=100000", "--set", "logging.every_steps=5", "--set", f"train.out_dir={tmp_path}"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=standalone_env(),
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env(),
     )
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 300

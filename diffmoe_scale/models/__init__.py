@@ -17,7 +17,7 @@ def is_moe_block(config: Config, block_index: int) -> bool:
 def build_model(config: Config) -> DiT:
     model_cfg, moe = config.model, config.moe
     dim = model_cfg.hidden_size
-    hidden_dim = int(dim * model_cfg.mlp_ratio)
+    hidden_dim = model_cfg.ffn_width
 
     def make_ffn(block_index: int):
         if not is_moe_block(config, block_index):

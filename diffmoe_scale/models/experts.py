@@ -73,11 +73,14 @@ class Experts(nn.Module):
         return torch.cat([self.expert(e, chunk) for e, chunk in enumerate(chunks)])
 
 
-def gate_values(scores, pair_expert, pair_token):
-    """scores[pair_token, pair_expert] as an index_select. Here and wherever tokens are gathered,
-    index_select is used rather than advanced indexing: its backward is a deterministic index_add,
-    while advanced indexing's backward adds with atomics on CPU threads (gradients vary run to run)."""
-    return scores.flatten().index_select(0, pair_token * scores.shape[1] + pair_expert)
+def weighted_sum(tokens, scores, pair_expert, pair_token, expert_out):
+    """out[n] = sum over pairs (e, n) of scores[n, e] * expert_out[pair]: the gate-weighted combine.
+
+    Gathers use index_select rather than advanced indexing, here and in the dispatches: its backward
+    is a deterministic index_add, while advanced indexing's backward adds with atomics on CPU threads
+    (gradients would vary run to run)."""
+    gates = scores.flatten().index_select(0, pair_token * scores.shape[1] + pair_expert).unsqueeze(1)
+    return torch.zeros_like(tokens).index_add_(0, pair_token, gates * expert_out)
 
 
 def pairs_from_mask(mask):
@@ -99,8 +102,7 @@ class LocalDispatch:
     def combine(self, tokens, scores, pair_expert, pair_token, counts, experts: Experts):
         """sum over pairs of scores[token, expert] * expert(token), per token: [N, D]."""
         expert_out = experts.forward_sorted(tokens.index_select(0, pair_token), counts)
-        gates = gate_values(scores, pair_expert, pair_token).unsqueeze(1)
-        return torch.zeros_like(tokens).index_add_(0, pair_token, gates * expert_out)
+        return weighted_sum(tokens, scores, pair_expert, pair_token, expert_out)
 
 
 class RoutedFFN(nn.Module):

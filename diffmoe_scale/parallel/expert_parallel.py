@@ -19,8 +19,9 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 
 from ..models import RoutedFFN
-from ..models.experts import gate_values
+from ..models.experts import weighted_sum
 from ..models.diffmoe import DiffMoELayer
+from .collectives import all_gather, average_over_ranks
 from .groups import ParallelGroups
 
 
@@ -52,9 +53,7 @@ class ExpertParallelDispatch:
         self.rows_sent = [0] * size  # token rows this rank sent to each rank, forward and return trips
 
     def gather(self, tensor):
-        parts = [torch.empty_like(tensor) for _ in range(self.size)]
-        dist.all_gather(parts, tensor.contiguous(), group=self.group)
-        return torch.cat(parts)
+        return torch.cat(all_gather(tensor, self.group))
 
     def combine(self, tokens, scores, pair_expert, pair_token, counts, experts):
         local_tokens, local_experts = len(tokens), experts.num_experts
@@ -74,8 +73,7 @@ class ExpertParallelDispatch:
         expert_out = experts.forward_sorted(expert_in, counts[first : first + local_experts])
         returned = all_to_all(expert_out.index_select(0, arrival_order), send_splits, recv_splits, self.group)
         self._count(send_splits, recv_splits)
-        gates = gate_values(scores, send_expert, send_token).unsqueeze(1)
-        return torch.zeros_like(tokens).index_add_(0, send_token, gates * returned)
+        return weighted_sum(tokens, scores, send_expert, send_token, returned)
 
     def _count(self, send_splits, recv_splits):
         for peer in range(self.size):
@@ -181,9 +179,5 @@ def apply_threshold_quantiles(model, quantiles) -> None:
     layers = _predictor_layers(model)
     if not layers:
         return
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        quantiles = quantiles.clone()
-        dist.all_reduce(quantiles)
-        quantiles /= dist.get_world_size()
-    for layer, quantile in zip(layers, quantiles):
+    for layer, quantile in zip(layers, average_over_ranks(quantiles)):
         layer.update_thresholds(quantile)

@@ -5,12 +5,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from ..config import Config, ConfigError, dump_config
 from ..data import ShuffledBatchSampler, build_dataset
 from ..diffusion import build_objective
 from ..models import build_model
+from ..parallel.collectives import all_gather, any_rank, average_over_ranks
 from ..parallel.engine import PRECISION_DTYPES, build_engine, clip_grad_norm_, clips_in_engine
 from ..parallel.expert_parallel import apply_threshold_quantiles, rows_sent_to_other_ranks, take_pending_quantiles
 from ..parallel.groups import setup_groups
@@ -57,19 +57,7 @@ def capacity_stats(model) -> tuple[float, list[list[float]]]:
 def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
     """Average per-rank scalars over every rank: the global batch's loss from the local batches' means."""
     stacked = torch.stack([value.detach().float() for value in values.values()])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(stacked)
-        stacked /= dist.get_world_size()
-    return dict(zip(values, stacked.tolist()))
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank when it is true on some rank: ranks must stop at the same step."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    value = torch.tensor(float(flag))
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return dict(zip(values, average_over_ranks(stacked).tolist()))
 
 
 def check_precision(config: Config) -> None:
@@ -192,7 +180,7 @@ class Trainer:
         stop = StopRequest()
         try:
             window_start, window_steps = time.perf_counter(), 0
-            while self.step < config.train.max_steps and not any_rank(stop.requested):
+            while self.step < config.train.max_steps and not any_rank(stop.requested):  # all ranks stop together
                 losses, grad_norm = self.train_step()
                 window_steps += 1
                 if self.step % config.logging.every_steps == 0 or self.step == config.train.max_steps:
@@ -250,10 +238,7 @@ class Trainer:
         finally:
             for hook in hooks:
                 hook.remove()
-        if groups.world_size > 1:
-            parts = [torch.empty_like(images) for _ in range(groups.world_size)]
-            dist.all_gather(parts, images.contiguous())
-            images = torch.cat(parts[:: groups.tp_size])  # one copy per data-parallel rank
+        images = torch.cat(all_gather(images)[:: groups.tp_size])  # one copy per data-parallel rank
         c_avg = sum(layer_c_avgs) / len(layer_c_avgs) if layer_c_avgs else None
         return images[: len(images) - padded], c_avg
 

@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from diffmoe_scale.config import load_config  # noqa: E402
 from diffmoe_scale.models import DiT  # noqa: E402
+from diffmoe_scale.parallel.collectives import all_gather  # noqa: E402
 from diffmoe_scale.parallel.consolidate import full_state  # noqa: E402
 from diffmoe_scale.parallel.engine import grad_square_sums  # noqa: E402
 from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime  # noqa: E402
@@ -34,12 +34,6 @@ def init_away_from_zero(model):
             torch.nn.init.normal_(param, std=0.02)
 
 
-def all_gather(tensor, group=None):
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, tensor.contiguous(), group=group)
-    return parts
-
-
 def routing_masks(trainer, micro_tokens: int) -> list:
     """Per MoE layer, the [pool tokens, E] routing mask of the last forward."""
     masks = []
@@ -56,13 +50,13 @@ def rows_sent(trainer) -> list:
     counts = []
     for layer in trainer.model.moe_layers():
         sent = torch.tensor(getattr(layer.dispatch, "rows_sent", [0]))
-        counts.append(torch.stack(all_gather(sent)) if dist.get_world_size() > 1 else sent[None])
+        counts.append(torch.stack(all_gather(sent)))
     return counts
 
 
 def gather_ranks(tensor):
     """[world size, ...]: every rank's copy of `tensor`."""
-    return torch.stack(all_gather(tensor)) if dist.get_world_size() > 1 else tensor[None]
+    return torch.stack(all_gather(tensor))
 
 
 def save_and_reload(trainer, directory: str) -> list[str]:
