@@ -124,6 +124,14 @@ class LoggingConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: int = 1000  # 0 = only at the end of the run and when stopped or preempted
+    keep_last: int = 3  # complete checkpoints kept besides those kept by keep_every
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0 = none
+    dir: Optional[str] = None  # default: <train.out_dir>/checkpoints
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -134,9 +142,17 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.train.out_dir) / "checkpoints")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain YAML/JSON types only (tuples as lists)."""
+        data = dataclasses.asdict(self)
+        data["optim"]["betas"] = list(data["optim"]["betas"])
+        return data
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,8 +165,13 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     raw = _read_yaml_with_bases(path, seen=())
     for override in overrides:
         _apply_override(raw, override, source=str(path))
-    config = _build(Config, raw, source=str(path), prefix="")
-    _resolve_and_validate(config, source=str(path))
+    return config_from_dict(raw, source=str(path))
+
+
+def config_from_dict(raw: dict, source: str) -> Config:
+    """A validated Config from nested mappings (a YAML file's, or one saved in a checkpoint)."""
+    config = _build(Config, raw, source=source, prefix="")
+    _resolve_and_validate(config, source=source)
     return config
 
 
@@ -318,6 +339,10 @@ def _resolve_and_validate(config: Config, source: str) -> None:
     require(optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     require(optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
     require(config.logging.every_steps >= 1, "logging.every_steps", "must be at least 1")
+    checkpoint = config.checkpoint
+    require(checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0 = only at the end and on stop)")
+    require(checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
+    require(checkpoint.keep_every >= 0, "checkpoint.keep_every", "must be >= 0 (0 = none)")
     require(parallel.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")
     require(parallel.activation_checkpointing_every >= 1, "parallel.activation_checkpointing_every",
             "must be at least 1")
@@ -332,6 +357,4 @@ def _resolve_and_validate(config: Config, source: str) -> None:
 
 
 def dump_config(config: Config, path: str | Path) -> None:
-    data = config.to_dict()
-    data["optim"]["betas"] = list(data["optim"]["betas"])
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -79,7 +79,7 @@ def test_readme_default_command_writes_metrics_config_and_samples(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_at_a_step_boundary_and_keeps_metrics(tmp_path):
+def test_ctrl_c_saves_and_stops_at_a_step_boundary(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "pretrain_diffmoe.py", "--config", "configs/digits_diffmoe_e4_flow.yaml",
          "--set", "train.max_steps=100000", "--set", "logging.every_steps=5", "--set", f"train.out_dir={tmp_path}"],
@@ -93,9 +93,11 @@ def test_ctrl_c_stops_at_a_step_boundary_and_keeps_metrics(tmp_path):
     os.kill(proc.pid, signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, output[-3000:]
-    assert "interrupted at step" in output
+    assert "stopped at step" in output
     assert "Traceback" not in output
     assert all(json.loads(line)["step"] % 5 == 0 for line in metrics.read_text().splitlines())
+    stopped_at = int(output.split("stopped at step ")[1].split(";")[0])
+    assert (tmp_path / "checkpoints" / f"step_{stopped_at:08d}" / "manifest.json").is_file()
 
 
 def test_unavailable_dataset_is_a_config_error_before_training(tmp_path):

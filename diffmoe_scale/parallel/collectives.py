@@ -25,10 +25,33 @@ def average_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when it is true on some rank."""
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's `value`, on every rank."""
     if not _distributed():
-        return flag
-    value = torch.tensor(float(flag))
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return value
+    tensor = torch.tensor(value, dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's picklable `obj`, in rank order."""
+    if not _distributed():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj):
+    """Rank 0's picklable `obj`, on every rank."""
+    if not _distributed():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def barrier() -> None:
+    if _distributed():
+        dist.barrier()

@@ -1,9 +1,14 @@
-"""Whole-model tensors from the shards a rank holds (expert shards over EP, TP shards over TP)."""
+"""Whole-model tensors from the shards a rank holds (expert shards over EP, TP shards over TP), and
+back: what lets a checkpoint written in one parallel layout resume in another."""
 import torch
 from deepspeed.moe.utils import is_moe_param
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
+                             safe_set_full_optimizer_state)
 
 from .collectives import all_gather
 from .groups import ParallelGroups
+
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def full_tensor(param: torch.nn.Parameter, tensor: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
@@ -20,7 +25,63 @@ def full_tensor(param: torch.nn.Parameter, tensor: torch.Tensor, groups: Paralle
     return tensor
 
 
+def local_shard(param: torch.nn.Parameter, full: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    """This rank's part of a whole-model tensor, laid out as `param` is sharded (inverse of full_tensor)."""
+    if is_moe_param(param) and groups.ep_size > 1:
+        local = full.shape[0] // groups.ep_size
+        full = full.narrow(0, groups.ep_rank * local, local)
+    if hasattr(param, "tp_index") and groups.tp_size > 1:
+        full = full.index_select(param.partition_dim, param.tp_index)
+    return full
+
+
 def full_state(model, groups: ParallelGroups, tensor_of=lambda param: param) -> dict[str, torch.Tensor]:
     """name -> whole tensor of `tensor_of(param)` for every parameter (skipping those it maps to None)."""
     return {name: full_tensor(param, tensor_of(param).detach(), groups)
             for name, param in model.named_parameters() if tensor_of(param) is not None}
+
+
+def _torch_optimizer(engine) -> torch.optim.Optimizer:
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO and bf16 wrap the torch optimizer
+
+
+def _master(param) -> bool:
+    """Whether DeepSpeed keeps an fp32 master copy and the optimizer state apart from `param` (ZeRO, bf16)."""
+    return hasattr(param, "_hp_mapping")
+
+
+def full_training_state(engine, model, groups: ParallelGroups) -> dict:
+    """fp32 weights and Adam moments of every parameter as whole tensors, and the Adam step.
+    Collective over every rank."""
+    params = {name: safe_get_full_fp32_param(p) if _master(p) else p.detach().float()
+              for name, p in model.named_parameters()}
+    optimizer = _torch_optimizer(engine)
+    moments = {}
+    for name, param in model.named_parameters():
+        state = None if _master(param) else optimizer.state.get(param)
+        moments[name] = {key: full_tensor(param, safe_get_full_optimizer_state(param, key) if _master(param)
+                                          else state[key], groups) for key in ADAM_MOMENTS}
+    steps = [int(state["step"]) for state in optimizer.state.values() if "step" in state]
+    return {
+        "params": {name: full_tensor(p, params[name], groups) for name, p in model.named_parameters()},
+        "moments": moments,
+        "adam_step": max(steps, default=0),
+    }
+
+
+@torch.no_grad()
+def load_full_training_state(engine, model, groups: ParallelGroups, state: dict) -> None:
+    """Set this rank's shards of the weights (fp32 masters included) and Adam state from whole tensors."""
+    optimizer = _torch_optimizer(engine)
+    for name, param in model.named_parameters():
+        weight = local_shard(param, state["params"][name], groups)
+        param.copy_(weight)
+        moments = {key: local_shard(param, state["moments"][name][key], groups).clone() for key in ADAM_MOMENTS}
+        if _master(param):
+            safe_set_full_fp32_param(param, weight.float())
+            for key, value in moments.items():
+                safe_set_full_optimizer_state(param, value, key)
+        else:
+            optimizer.state[param].update(moments)
+    for param_state in optimizer.state.values():
+        param_state["step"] = torch.tensor(float(state["adam_step"]))

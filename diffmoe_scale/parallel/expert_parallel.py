@@ -114,7 +114,7 @@ def _split_experts(module, state_dict, prefix, local_metadata):
     for name in _EXPERT_PARAMS:
         stacked = state_dict.pop(prefix + name)
         for e in range(len(stacked)):
-            state_dict[f"{prefix}deepspeed_experts.{e}.{name}"] = stacked[e]
+            state_dict[f"{prefix}deepspeed_experts.{e}.{name}"] = stacked[e].clone()  # alone: a view saves the whole stack
 
 
 def _stack_experts(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

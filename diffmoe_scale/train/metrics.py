@@ -10,12 +10,29 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop the records after `step` (written by a run that died before its next checkpoint), so a
+    resumed run's file reads as one straight run."""
+    if not path.exists():
+        return
+    records = [_parse(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records if r is not None and r["step"] <= step))
+
+
+def _parse(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None  # a line torn by a crash
+
+
 class MetricsLog:
-    def __init__(self, path: Path, max_steps: int, enabled: bool):
+    def __init__(self, path: Path, max_steps: int, enabled: bool, start_step: int = 0):
         self.path = path
         self.max_steps = max_steps
         self.enabled = enabled
         self.start = time.perf_counter()
+        self.start_step = start_step
         self.file = open(path, "a") if enabled else None
 
     def log(self, record: dict) -> None:
@@ -25,7 +42,7 @@ class MetricsLog:
         self.file.flush()
         step = record["step"]
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / max(step, 1) * (self.max_steps - step)
+        eta = elapsed / max(step - self.start_step, 1) * (self.max_steps - step)
         extras = "".join(f" | {k} {record[k]:.4f}" for k in ("predictor_loss", "balance_loss", "vb_loss") if k in record)
         print(
             f"step {step}/{self.max_steps} | loss {record['loss']:.4f}{extras} | c_avg {record['c_avg']:.2f}"

@@ -1,7 +1,9 @@
 """The training loop: DeepSpeed engine, EMA, metrics, end-of-run sample grid, clean Ctrl-C."""
 import resource
+import shutil
 import signal
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -10,34 +12,44 @@ from ..config import Config, ConfigError, dump_config
 from ..data import ShuffledBatchSampler, build_dataset
 from ..diffusion import build_objective
 from ..models import build_model
-from ..parallel.collectives import all_gather, any_rank, average_over_ranks
+from ..parallel.collectives import all_gather, average_over_ranks, barrier, broadcast_object, max_over_ranks
+from ..parallel.consolidate import full_state, full_training_state, load_full_training_state, local_shard
 from ..parallel.engine import PRECISION_DTYPES, build_engine, clip_grad_norm_, clips_in_engine
 from ..parallel.expert_parallel import apply_threshold_quantiles, rows_sent_to_other_ranks, take_pending_quantiles
 from ..parallel.groups import setup_groups
 from ..parallel.parallelize import parallelize
 from ..parallel.runtime import Runtime
+from .checkpoint import (CONSOLIDATED_FILE, MANIFEST, SHARDED, atomic_torch_save, capture_rng,
+                         code_version, config_changes, find_resumable, layout_mismatch, list_checkpoints, prune,
+                         publish, rank_state_name, restore_rng, tag_for, verify)
 from .ema import EMA
 from .images import save_grid
-from .metrics import MetricsLog
+from .metrics import MetricsLog, keep_metrics_until
 
-INTERRUPTED_EXIT_CODE = 130
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on SIGTERM/SIGUSR1; the Slurm recipes requeue on it
 
 
 class StopRequest:
-    """Turns the first SIGINT into a request to stop at the next step boundary; a second one aborts."""
+    """SIGINT, SIGTERM and SIGUSR1 ask for a checkpoint and a stop at the next step boundary
+    (`exit_code` becomes non-zero); a second SIGINT aborts at once."""
+
+    EXIT_CODES = {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGTERM: EXIT_PREEMPTED, signal.SIGUSR1: EXIT_PREEMPTED}
 
     def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        self.exit_code = 0
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.EXIT_CODES}
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if signum == signal.SIGINT and self.exit_code == EXIT_INTERRUPTED:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: stopping after this step (Ctrl-C again to abort now)", flush=True)
+        self.exit_code = max(self.exit_code, self.EXIT_CODES[signum])
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint and stopping after this step"
+              f"{' (Ctrl-C again to abort now)' if signum == signal.SIGINT else ''}", flush=True)
 
     def restore(self):
-        signal.signal(signal.SIGINT, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def loss_weights(config: Config) -> dict[str, float]:
@@ -80,6 +92,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 class Trainer:
     def __init__(self, config: Config, runtime: Runtime):
+        self.stop = StopRequest()  # first: a preemption signal during set-up must not kill the job
         self.config = config
         self.runtime = runtime
         self.out_dir = Path(config.train.out_dir)
@@ -97,6 +110,8 @@ class Trainer:
         # Noise, timesteps and label dropout: drawn for the whole global batch (see next_rank_batch).
         self.generator = torch.Generator(device=runtime.device).manual_seed(config.train.seed * 1000 + 1)
         self.step = 0
+        self.saved_step = None  # step of the newest checkpoint this process wrote or resumed from
+        self.run_id = broadcast_object(uuid.uuid4().hex[:12] if runtime.is_main else None)  # kept on resume
         self.weights = loss_weights(config)
         self.rows_sent_logged = 0  # all-to-all rows sent to other ranks up to the last metrics record
         self.tokens_per_image = (config.model.input_size // config.model.patch_size) ** 2
@@ -113,7 +128,9 @@ class Trainer:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         metrics = self.out_dir / "metrics.jsonl"
-        if metrics.exists():
+        if self.saved_step is not None:
+            keep_metrics_until(metrics, self.step)
+        elif metrics.exists():
             print(f"warning: {metrics} exists; starting a fresh run, its old lines are replaced", flush=True)
             metrics.unlink()
         dump_config(self.config, self.out_dir / "config.yaml")
@@ -172,15 +189,19 @@ class Trainer:
         self.step += 1
         return losses, float(grad_norm)
 
-    def train(self) -> int:
-        """Runs to train.max_steps; returns the process exit code."""
-        config = self.config
+    def train(self, resume: str = "auto") -> int:
+        """Resumes as `resume` says (see `resume`), runs to train.max_steps; returns the exit code."""
+        config, every = self.config, self.config.checkpoint.every_steps
+        self.resume(resume)
         self.prepare_run_dir()
-        log = MetricsLog(self.out_dir / "metrics.jsonl", config.train.max_steps, self.runtime.is_main)
-        stop = StopRequest()
+        log = MetricsLog(self.out_dir / "metrics.jsonl", config.train.max_steps, self.runtime.is_main, self.step)
+        exit_code = 0
         try:
             window_start, window_steps = time.perf_counter(), 0
-            while self.step < config.train.max_steps and not any_rank(stop.requested):  # all ranks stop together
+            while self.step < config.train.max_steps:
+                exit_code = max_over_ranks(self.stop.exit_code)  # every rank stops at the same step
+                if exit_code:
+                    break
                 losses, grad_norm = self.train_step()
                 window_steps += 1
                 if self.step % config.logging.every_steps == 0 or self.step == config.train.max_steps:
@@ -188,14 +209,140 @@ class Trainer:
                     step_time = elapsed / window_steps
                     log.log(self.metrics_record(mean_over_ranks(losses), grad_norm, window_steps, step_time))
                     window_start, window_steps = time.perf_counter(), 0
+                if every and self.step % every == 0:
+                    self.save_checkpoint()
         finally:
-            stop.restore()
+            self.stop.restore()
             log.close()
-        if self.step < config.train.max_steps:
-            print(f"interrupted at step {self.step}; metrics are in {self.out_dir / 'metrics.jsonl'}", flush=True)
-            return INTERRUPTED_EXIT_CODE
+        self.save_checkpoint()
+        if exit_code:
+            if self.runtime.is_main:
+                print(f"stopped at step {self.step}; the same command resumes from {self.config.checkpoint_dir}",
+                      flush=True)
+            return exit_code
         self.save_samples(self.out_dir / "samples.png")
         return 0
+
+    def layout(self) -> dict:
+        """What a sharded checkpoint's files depend on: it resumes only into the same."""
+        groups, config = self.groups, self.config
+        return {"world_size": groups.world_size, "tp": groups.tp_size, "ep": groups.ep_size,
+                "zero_stage": config.parallel.zero_stage, "precision": config.train.precision}
+
+    def checkpoint_meta(self, kind: str) -> dict:
+        return {"kind": kind, "step": self.step, "run_id": self.run_id, "code_version": code_version(),
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "layout": self.layout(),
+                "config": self.config.to_dict()}
+
+    def save_checkpoint(self) -> None:
+        """A sharded checkpoint of this step, published once complete on every rank (collective)."""
+        if self.saved_step == self.step:
+            return
+        start, root, is_main = time.perf_counter(), self.config.checkpoint_dir, self.runtime.is_main
+        path = root / tag_for(self.step)
+        if is_main and path.exists():
+            shutil.rmtree(path)  # an unfinished save of this step, or one of a branch resumed before it
+        barrier()
+        self.engine.save_checkpoint(str(root), tag=path.name, save_latest=False)
+        atomic_torch_save({"step": self.step, "rng": capture_rng(), "generator": self.generator.get_state(),
+                           "sampler": self.sampler.state_dict(), "ema": self.ema.state_dict()},
+                          path / rank_state_name(self.runtime.rank))
+        barrier()
+        manifest = publish(path, self.checkpoint_meta(SHARDED), is_main)
+        self.saved_step = self.step
+        if is_main:
+            deleted = prune(root, self.config.checkpoint.keep_last, self.config.checkpoint.keep_every)
+            size = sum(size for size, _ in manifest["files"].values()) / 2**20
+            print(f"checkpoint: {path} ({size:.1f} MiB, {time.perf_counter() - start:.1f} s)"
+                  + (f"; deleted {', '.join(p.name for p in deleted)}" if deleted else ""), flush=True)
+
+    def resume(self, request: str) -> None:
+        """request: "auto" (the newest intact checkpoint under checkpoint_dir, if any), "none" (start
+        fresh, setting existing checkpoints aside), or the path of a checkpoint or of a directory of them."""
+        root, is_main = self.config.checkpoint_dir, self.runtime.is_main
+        if request == "none":
+            if is_main and list_checkpoints(root):
+                aside = root.with_name(f"{root.name}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
+                root.rename(aside)
+                print(f"warning: starting fresh; the existing checkpoints were moved to {aside}", flush=True)
+            return
+        path = root if request == "auto" else Path(request)
+        if request != "auto" and not path.exists():
+            raise ConfigError(f"--resume {path}: no such checkpoint or directory")
+        if (path / MANIFEST).exists():
+            manifest, problem = verify(path)
+            if problem:
+                raise ConfigError(f"--resume {path}: {problem}")
+        else:
+            found = find_resumable(path, self.layout(), is_main)
+            if found is None:
+                if request != "auto":
+                    raise ConfigError(f"--resume {path}: no intact checkpoint there")
+                return
+            path, manifest = found
+        self.check_resumable_config(path, manifest)
+        if manifest["kind"] == SHARDED:
+            self.load_sharded(path)
+        else:
+            self.load_consolidated(path)
+        self.run_id, self.saved_step = manifest["run_id"], self.step
+        if is_main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def check_resumable_config(self, path: Path, manifest: dict) -> None:
+        if manifest["kind"] == SHARDED and manifest["layout"] != self.layout():
+            raise ConfigError(layout_mismatch(path, manifest["layout"], self.layout()))
+        blocking, allowed = config_changes(manifest["config"], self.config.to_dict())
+        if blocking:
+            raise ConfigError(f"checkpoint {path} holds another model; it cannot continue with "
+                              f"{'; '.join(blocking)} (start a new run directory, or --no-resume)")
+        if allowed and self.runtime.is_main:
+            print(f"resuming with a changed config: {'; '.join(allowed)}", flush=True)
+
+    def load_sharded(self, path: Path) -> None:
+        self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        state = torch.load(path / rank_state_name(self.runtime.rank), weights_only=False)
+        self.ema.load_state_dict(state["ema"])
+        restore_rng(state["rng"])
+        self.load_trainer_state(state)
+
+    def load_trainer_state(self, state: dict) -> None:
+        """The layout-independent position: step, data position and the draws' generator. The config's
+        optimizer settings win over the checkpoint's (a changed lr or warmup applies from here)."""
+        self.step = state["step"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.generator.set_state(state["generator"])
+        optim = self.config.optim
+        self.scheduler.base_lrs = [optim.lr] * len(self.scheduler.base_lrs)
+        for group, lr_lambda in zip(self.scheduler.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group.update(lr=optim.lr * lr_lambda(self.scheduler.last_epoch), betas=optim.betas,
+                         weight_decay=optim.weight_decay)
+
+    def consolidated_state(self) -> dict:
+        """The whole training state as whole tensors (collective): what launch/checkpoint.py consolidates."""
+        buffers = dict(self.model.named_buffers())
+        return {
+            **full_training_state(self.engine, self.model, self.groups),
+            "buffers": buffers,
+            "ema": {**full_state(self.ema.model, self.groups), **dict(self.ema.model.named_buffers())},
+            "lr_scheduler": self.scheduler.state_dict(),
+            "trainer": {"step": self.step, "sampler": self.sampler.state_dict(),
+                        "generator": self.generator.get_state()},
+        }
+
+    @torch.no_grad()
+    def load_consolidated(self, path: Path) -> None:
+        state = torch.load(path / CONSOLIDATED_FILE, weights_only=False)
+        load_full_training_state(self.engine, self.model, self.groups, state)
+        for name, buffer in self.model.named_buffers():
+            buffer.copy_(state["buffers"][name])
+        for name, tensor in self.ema.model.named_parameters():
+            tensor.copy_(local_shard(tensor, state["ema"][name], self.groups))
+        for name, buffer in self.ema.model.named_buffers():
+            buffer.copy_(state["ema"][name])
+        self.scheduler.load_state_dict(state["lr_scheduler"])
+        self.engine.global_steps = state["trainer"]["step"]
+        self.load_trainer_state(state["trainer"])
 
     def metrics_record(self, losses: dict, grad_norm: float, window_steps: int, step_time: float) -> dict:
         c_avg, capacity = capacity_stats(self.model)

@@ -1,0 +1,247 @@
+"""Long runs: a run killed or preempted and resumed equals a straight run bit for bit; damaged
+checkpoints are skipped; config changes are checked; retention keeps what it should."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffmoe_scale.train.checkpoint import MANIFEST, config_changes, find_resumable, prune, verify
+from tests.helpers import clean_env, read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+CONFIG = "configs/digits_diffmoe_e4_flow.yaml"
+STEPS = 24
+COMMON = ["train.global_batch_size=32", f"train.max_steps={STEPS}", "logging.every_steps=1",
+          "checkpoint.every_steps=8", "checkpoint.keep_last=5", "sample.steps=2", "sample.per_class=1"]
+# Metrics that a run's numbers decide (not its clock).
+DETERMINED = ("loss", "predictor_loss", "grad_norm", "lr", "c_avg", "capacity")
+EXIT_PREEMPTED = 75
+
+
+def command(out_dir: Path, *overrides: str, nproc: int = 1, resume: tuple = ()) -> list[str]:
+    train = ["pretrain_diffmoe.py", "--config", CONFIG, *resume]
+    for override in (*COMMON, f"train.out_dir={out_dir}", *overrides):
+        train += ["--set", override]
+    if nproc == 1:
+        return [sys.executable, *train]
+    return [str(TORCHRUN), "--standalone", "--nproc_per_node", str(nproc), *train]
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def descendants(pid: int) -> list[int]:
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [child for parent in frontier for child in children.get(parent, [])]
+        found += frontier
+    return found
+
+
+def kill_hard(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every rank (torchrun's workers live in sessions of their own)."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def finish(proc: subprocess.Popen, expected: int = 0) -> str:
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == expected, f"exit {proc.returncode}, expected {expected}:\n{output[-5000:]}"
+    return output
+
+
+def run(cmd: list[str], expected: int = 0) -> str:
+    return finish(start(cmd), expected)
+
+
+def wait_for_step(proc: subprocess.Popen, out_dir: Path, step: int) -> None:
+    metrics, deadline = out_dir / "metrics.jsonl", time.time() + 300
+    while not (metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()
+                                        if line.endswith("}"))):
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        assert time.time() < deadline, "the run did not reach the step in time"
+        time.sleep(0.2)
+
+
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor in every file of a checkpoint, keyed by file and position."""
+    found = {}
+
+    def collect(prefix, value):
+        if isinstance(value, torch.Tensor):
+            found[prefix] = value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                collect(f"{prefix}/{key}", item)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                collect(f"{prefix}/{i}", item)
+
+    for file in sorted(path.glob("*.pt")):
+        collect(file.name, torch.load(file, weights_only=False))
+    return found
+
+
+def assert_same_run(ours: Path, straight: Path) -> None:
+    """Step-by-step metrics and every tensor of the final checkpoint (weights, EMA, optimizer, RNG) equal."""
+    ours_metrics, straight_metrics = read_metrics(ours), read_metrics(straight)
+    assert [r["step"] for r in ours_metrics] == list(range(1, STEPS + 1))
+    for mine, theirs in zip(ours_metrics, straight_metrics):
+        for key in DETERMINED:
+            assert mine.get(key) == theirs.get(key), f"step {mine['step']}: {key} {mine.get(key)} != {theirs.get(key)}"
+    final = f"checkpoints/step_{STEPS:08d}"
+    mine, theirs = checkpoint_tensors(ours / final), checkpoint_tensors(straight / final)
+    assert mine.keys() == theirs.keys()
+    different = [key for key in mine if not torch.equal(mine[key], theirs[key])]
+    assert not different, f"{len(different)} of {len(mine)} tensors differ, e.g. {different[:5]}"
+
+
+def resumed_step(output: str) -> int:
+    return int(output.split(" at step ")[1].split()[0])
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    run(command(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight_ep2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight_ep2")
+    run(command(out, "parallel.ep=2", nproc=2))
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_equals_straight_run(straight, tmp_path):
+    proc = start(command(tmp_path))
+    wait_for_step(proc, tmp_path, 13)
+    kill_hard(proc)
+    output = run(command(tmp_path))
+    assert resumed_step(output) in (8, 16)
+    assert_same_run(tmp_path, straight)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_equals_straight_run_with_ep2(straight_ep2, tmp_path):
+    proc = start(command(tmp_path, "parallel.ep=2", nproc=2))
+    wait_for_step(proc, tmp_path, 11)
+    kill_hard(proc)
+    output = run(command(tmp_path, "parallel.ep=2", nproc=2))
+    assert resumed_step(output) in (8, 16)
+    assert_same_run(tmp_path, straight_ep2)
+
+
+@pytest.mark.slow
+def test_sigusr1_saves_at_the_next_step_and_resumes_exactly(straight, tmp_path):
+    proc = start(command(tmp_path, "checkpoint.every_steps=0"))
+    wait_for_step(proc, tmp_path, 5)
+    os.kill(proc.pid, signal.SIGUSR1)
+    output = finish(proc, EXIT_PREEMPTED)
+    stopped = int(output.split("stopped at step ")[1].split(";")[0])
+    assert 5 <= stopped < STEPS and "Traceback" not in output
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == [f"step_{stopped:08d}"]
+    assert resumed_step(run(command(tmp_path, "checkpoint.every_steps=0"))) == stopped
+    # The straight run saved every 8 steps; compare the last one only.
+    assert_same_run(tmp_path, straight)
+
+
+@pytest.mark.slow
+def test_truncated_newest_checkpoint_is_skipped_for_the_previous(straight, tmp_path):
+    proc = start(command(tmp_path))
+    wait_for_step(proc, tmp_path, 17)
+    kill_hard(proc)
+    damaged = tmp_path / "checkpoints" / "step_00000016"
+    optimizer_file = next(damaged.glob("*optim_states.pt"))
+    optimizer_file.write_bytes(optimizer_file.read_bytes()[:1000])
+    output = run(command(tmp_path))
+    assert f"warning: skipping checkpoint {damaged}" in output and optimizer_file.name in output
+    assert resumed_step(output) == 8
+    assert_same_run(tmp_path, straight)
+
+
+@pytest.mark.slow
+def test_config_changes_on_resume(tmp_path):
+    # A changed model shape is refused, naming the key...
+    run(command(tmp_path, "train.max_steps=8"))
+    result = run(command(tmp_path, "model.depth=4"), expected=2)
+    assert "cannot continue with model.depth: 6 -> 4" in result
+    # ...a changed lr and max_steps are applied and reported.
+    output = run(command(tmp_path, "train.max_steps=10", "optim.lr=5e-4"))
+    assert "resuming with a changed config: optim.lr: 0.001 -> 0.0005; train.max_steps: 8 -> 10" in output
+    assert [r["lr"] for r in read_metrics(tmp_path)][8:] == [5e-4 * min(1.0, (s + 1) / 100) for s in (9, 10)]
+
+
+@pytest.mark.slow
+def test_no_resume_sets_old_checkpoints_aside(tmp_path):
+    run(command(tmp_path, "train.max_steps=8"))
+    output = run(command(tmp_path, "train.max_steps=8", resume=("--no-resume",)))
+    assert "starting fresh; the existing checkpoints were moved to" in output
+    aside = list(tmp_path.glob("checkpoints.set-aside-*"))
+    assert len(aside) == 1 and (aside[0] / "step_00000008" / MANIFEST).is_file()
+    assert (tmp_path / "checkpoints" / "step_00000008" / MANIFEST).is_file()
+
+
+def write_fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
+    path = root / f"step_{step:08d}"
+    path.mkdir(parents=True)
+    (path / "weights.pt").write_bytes(os.urandom(64))
+    if complete:
+        from diffmoe_scale.train.checkpoint import digest_files
+
+        files = digest_files(path, ["weights.pt"])
+        (path / MANIFEST).write_text(json.dumps({"kind": "sharded", "layout": {"ep": 1}, "files": files}))
+    return path
+
+
+def test_flipped_byte_and_missing_manifest_make_a_checkpoint_unusable(tmp_path):
+    older, newer = write_fake_checkpoint(tmp_path, 8), write_fake_checkpoint(tmp_path, 16)
+    write_fake_checkpoint(tmp_path, 24, complete=False)  # died while saving
+    assert verify(newer) == (json.loads((newer / MANIFEST).read_text()), None)
+    data = bytearray((newer / "weights.pt").read_bytes())
+    data[10] ^= 1
+    (newer / "weights.pt").write_bytes(bytes(data))
+    assert "weights.pt" in verify(newer)[1]
+    path, _ = find_resumable(tmp_path, {"ep": 1}, is_main=True)
+    assert path == older
+
+
+def test_retention_keeps_the_last_k_and_every_m(tmp_path):
+    for step in range(100, 1100, 100):
+        write_fake_checkpoint(tmp_path, step)
+    write_fake_checkpoint(tmp_path, 1100, complete=False)
+    deleted = prune(tmp_path, keep_last=2, keep_every=500)
+    left = sorted(int(p.name[5:]) for p in tmp_path.glob("step_*"))
+    assert left == [500, 900, 1000, 1100]
+    assert len(deleted) == 7
+
+
+def test_config_changes_split_model_defining_keys_from_the_rest():
+    saved = {"model": {"depth": 6, "class_dropout": 0.1}, "moe": {"num_experts": 4, "capacity": 1.0},
+             "optim": {"lr": 1e-3}}
+    current = {"model": {"depth": 6, "class_dropout": 0.2}, "moe": {"num_experts": 8, "capacity": 2.0},
+               "optim": {"lr": 1e-4}}
+    blocking, allowed = config_changes(saved, current)
+    assert blocking == ["moe.num_experts: 4 -> 8"]
+    assert allowed == ["model.class_dropout: 0.1 -> 0.2", "moe.capacity: 1.0 -> 2.0", "optim.lr: 0.001 -> 0.0001"]
