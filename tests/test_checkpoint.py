@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffmoe_scale.train.checkpoint import MANIFEST, config_changes, find_resumable, prune, verify
+from diffmoe_scale.train.checkpoint import MANIFEST, config_changes, file_digest, find_resumable, prune, verify
 from tests.helpers import clean_env, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,15 +203,19 @@ def test_no_resume_sets_old_checkpoints_aside(tmp_path):
     assert (tmp_path / "checkpoints" / "step_00000008" / MANIFEST).is_file()
 
 
+FAKE_LAYOUT = {"world_size": 1, "tp": 1, "ep": 1, "zero_stage": 0, "precision": "fp32"}
+
+
 def write_fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
+    """A checkpoint directory with one random file and, when complete, a manifest for it."""
     path = root / f"step_{step:08d}"
     path.mkdir(parents=True)
     (path / "weights.pt").write_bytes(os.urandom(64))
     if complete:
-        from diffmoe_scale.train.checkpoint import digest_files
-
-        files = digest_files(path, ["weights.pt"])
-        (path / MANIFEST).write_text(json.dumps({"kind": "sharded", "layout": {"ep": 1}, "files": files}))
+        manifest = {"kind": "sharded", "step": step, "layout": FAKE_LAYOUT, "run_id": "fake", "code_version": "x",
+                    "saved_at": "now", "config": {"model": {"depth": 2, "hidden_size": 8}, "moe": {"ffn": "dense"}},
+                    "files": {"weights.pt": file_digest(path / "weights.pt")}}
+        (path / MANIFEST).write_text(json.dumps(manifest))
     return path
 
 
@@ -223,7 +227,7 @@ def test_flipped_byte_and_missing_manifest_make_a_checkpoint_unusable(tmp_path):
     data[10] ^= 1
     (newer / "weights.pt").write_bytes(bytes(data))
     assert "weights.pt" in verify(newer)[1]
-    path, _ = find_resumable(tmp_path, {"ep": 1}, is_main=True)
+    path, _ = find_resumable(tmp_path, FAKE_LAYOUT, is_main=True)
     assert path == older
 
 
@@ -245,3 +249,68 @@ def test_config_changes_split_model_defining_keys_from_the_rest():
     blocking, allowed = config_changes(saved, current)
     assert blocking == ["moe.num_experts: 4 -> 8"]
     assert allowed == ["model.class_dropout: 0.1 -> 0.2", "moe.capacity: 1.0 -> 2.0", "optim.lr: 0.001 -> 0.0001"]
+
+
+def checkpoint_tool(*args: str) -> str:
+    return run([sys.executable, "launch/checkpoint.py", *args])
+
+
+def assert_continues(ours: Path, straight: Path, from_step: int) -> None:
+    """The resumed steps' losses equal the straight run's up to float summation order."""
+    mine = [r for r in read_metrics(ours) if r["step"] > from_step]
+    theirs = [r for r in read_metrics(straight) if r["step"] > from_step]
+    assert [r["step"] for r in mine] == list(range(from_step + 1, STEPS + 1))
+    for a, b in zip(mine, theirs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), f"step {a['step']}"
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), f"step {a['step']}"
+
+
+@pytest.mark.slow
+def test_ep2_zero1_checkpoint_resumes_on_one_process_after_consolidation(straight_ep2, tmp_path):
+    run(command(tmp_path, "parallel.ep=2", "parallel.zero_stage=1", "train.max_steps=16", nproc=2))
+    sharded = tmp_path / "checkpoints" / "step_00000016"
+    refused = run(command(tmp_path), expected=2)
+    assert f"python launch/checkpoint.py consolidate {sharded}" in refused
+    assert "consolidated step 16" in checkpoint_tool("consolidate", str(sharded))
+    output = run(command(tmp_path))
+    assert f"resumed from {sharded}_consolidated at step 16" in output
+    assert_continues(tmp_path, straight_ep2, 16)
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_with_ep2_and_zero2(straight, tmp_path):
+    run(command(tmp_path, "train.max_steps=16"))
+    checkpoint_tool("consolidate", str(tmp_path / "checkpoints" / "step_00000016"))
+    run(command(tmp_path, "parallel.ep=2", "parallel.zero_stage=2", nproc=2))
+    assert_continues(tmp_path, straight, 16)
+
+
+@pytest.mark.slow
+def test_export_ema_gathers_every_shard_into_the_plain_model(tmp_path):
+    from safetensors.torch import load_file
+
+    from diffmoe_scale.config import config_from_dict
+    from diffmoe_scale.models import build_model
+
+    run(command(tmp_path, "parallel.ep=2", "train.max_steps=8", nproc=2))
+    sharded = tmp_path / "checkpoints" / "step_00000008"
+    checkpoint_tool("export-ema", str(sharded), "--out", str(tmp_path / "ema.safetensors"))
+    exported = load_file(tmp_path / "ema.safetensors")
+    manifest = json.loads((sharded / MANIFEST).read_text())
+    build_model(config_from_dict(manifest["config"], "manifest")).load_state_dict(exported, strict=True)
+    # Each rank's EMA holds two of the four experts of each layer; the export holds them in order.
+    shards = [torch.load(sharded / f"trainer_rank_{r:05d}.pt", weights_only=False)["ema"] for r in (0, 1)]
+    prefix = "blocks.1.ffn.deepspeed_moe.experts.deepspeed_experts"
+    expected = torch.stack([shards[r][f"{prefix}.{e}.w1"] for r in (0, 1) for e in (0, 1)])
+    assert torch.equal(exported["blocks.1.ffn.experts.w1"], expected)
+    assert torch.equal(exported["blocks.1.ffn.router.weight"], shards[0]["blocks.1.ffn.deepspeed_moe.router.weight"])
+
+
+def test_inspect_lists_checkpoints_and_flags_a_damaged_one(tmp_path):
+    write_fake_checkpoint(tmp_path, 8)
+    damaged = write_fake_checkpoint(tmp_path, 16)
+    (damaged / "weights.pt").write_bytes(b"short")
+    result = subprocess.run([sys.executable, "launch/checkpoint.py", "inspect", str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, env=clean_env())
+    assert result.returncode == 1
+    assert f"{damaged}: UNUSABLE: 1 file(s) differ from its manifest, e.g. weights.pt: 5 bytes" in result.stdout

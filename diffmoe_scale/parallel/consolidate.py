@@ -41,6 +41,12 @@ def full_state(model, groups: ParallelGroups, tensor_of=lambda param: param) -> 
             for name, param in model.named_parameters() if tensor_of(param) is not None}
 
 
+def persistent_buffers(model) -> dict[str, torch.Tensor]:
+    """The buffers a state dict holds (replicated on every rank, e.g. DiffMoE thresholds)."""
+    return {f"{prefix}.{name}".lstrip("."): buffer for prefix, module in model.named_modules()
+            for name, buffer in module.named_buffers(recurse=False) if name not in module._non_persistent_buffers_set}
+
+
 def _torch_optimizer(engine) -> torch.optim.Optimizer:
     return getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO and bf16 wrap the torch optimizer
 
@@ -50,9 +56,24 @@ def _master(param) -> bool:
     return hasattr(param, "_hp_mapping")
 
 
+def _link_optimizer_state(engine) -> None:
+    """Make the Adam state exist and DeepSpeed's per-parameter views of it linked; both happen lazily
+    at the first optimizer step, and a consolidated checkpoint is read or written without one."""
+    optimizer = _torch_optimizer(engine)
+    for group in optimizer.param_groups:
+        for flat in group["params"]:
+            if not optimizer.state[flat]:
+                optimizer.state[flat].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat),
+                                             exp_avg_sq=torch.zeros_like(flat))
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)  # ZeRO 1/2 and bf16
+    if link is not None:
+        link()
+
+
 def full_training_state(engine, model, groups: ParallelGroups) -> dict:
     """fp32 weights and Adam moments of every parameter as whole tensors, and the Adam step.
     Collective over every rank."""
+    _link_optimizer_state(engine)
     params = {name: safe_get_full_fp32_param(p) if _master(p) else p.detach().float()
               for name, p in model.named_parameters()}
     optimizer = _torch_optimizer(engine)
@@ -72,6 +93,7 @@ def full_training_state(engine, model, groups: ParallelGroups) -> dict:
 @torch.no_grad()
 def load_full_training_state(engine, model, groups: ParallelGroups, state: dict) -> None:
     """Set this rank's shards of the weights (fp32 masters included) and Adam state from whole tensors."""
+    _link_optimizer_state(engine)
     optimizer = _torch_optimizer(engine)
     for name, param in model.named_parameters():
         weight = local_shard(param, state["params"][name], groups)

@@ -96,13 +96,12 @@ def read_manifest(checkpoint: Path) -> dict | None:
 
 def publish(checkpoint: Path, meta: dict, is_main: bool) -> dict:
     """Read back every file of a written checkpoint and write its manifest: from then on it counts.
-    Also points `latest` at it. Returns the manifest."""
+    Returns the manifest."""
     names = broadcast_object(sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file())
                              if is_main else None)
     manifest = {**meta, "files": digest_files(checkpoint, names)}
     if is_main:
         atomic_write_text(checkpoint / MANIFEST, json.dumps(manifest, indent=1))
-        atomic_write_text(checkpoint.parent / "latest", checkpoint.name + "\n")
     barrier()
     return manifest
 

@@ -13,13 +13,14 @@ from ..data import ShuffledBatchSampler, build_dataset
 from ..diffusion import build_objective
 from ..models import build_model
 from ..parallel.collectives import all_gather, average_over_ranks, barrier, broadcast_object, max_over_ranks
-from ..parallel.consolidate import full_state, full_training_state, load_full_training_state, local_shard
+from ..parallel.consolidate import (full_state, full_training_state, load_full_training_state, local_shard,
+                                   persistent_buffers)
 from ..parallel.engine import PRECISION_DTYPES, build_engine, clip_grad_norm_, clips_in_engine
 from ..parallel.expert_parallel import apply_threshold_quantiles, rows_sent_to_other_ranks, take_pending_quantiles
 from ..parallel.groups import setup_groups
 from ..parallel.parallelize import parallelize
 from ..parallel.runtime import Runtime
-from .checkpoint import (CONSOLIDATED_FILE, MANIFEST, SHARDED, atomic_torch_save, capture_rng,
+from .checkpoint import (CONSOLIDATED_FILE, MANIFEST, SHARDED, atomic_torch_save, atomic_write_text, capture_rng,
                          code_version, config_changes, find_resumable, layout_mismatch, list_checkpoints, prune,
                          publish, rank_state_name, restore_rng, tag_for, verify)
 from .ema import EMA
@@ -251,6 +252,7 @@ class Trainer:
         manifest = publish(path, self.checkpoint_meta(SHARDED), is_main)
         self.saved_step = self.step
         if is_main:
+            atomic_write_text(root / "latest", path.name + "\n")
             deleted = prune(root, self.config.checkpoint.keep_last, self.config.checkpoint.keep_every)
             size = sum(size for size, _ in manifest["files"].values()) / 2**20
             print(f"checkpoint: {path} ({size:.1f} MiB, {time.perf_counter() - start:.1f} s)"
@@ -320,11 +322,10 @@ class Trainer:
 
     def consolidated_state(self) -> dict:
         """The whole training state as whole tensors (collective): what launch/checkpoint.py consolidates."""
-        buffers = dict(self.model.named_buffers())
         return {
             **full_training_state(self.engine, self.model, self.groups),
-            "buffers": buffers,
-            "ema": {**full_state(self.ema.model, self.groups), **dict(self.ema.model.named_buffers())},
+            "buffers": persistent_buffers(self.model),
+            "ema": {**full_state(self.ema.model, self.groups), **persistent_buffers(self.ema.model)},
             "lr_scheduler": self.scheduler.state_dict(),
             "trainer": {"step": self.step, "sampler": self.sampler.state_dict(),
                         "generator": self.generator.get_state()},
@@ -334,11 +335,11 @@ class Trainer:
     def load_consolidated(self, path: Path) -> None:
         state = torch.load(path / CONSOLIDATED_FILE, weights_only=False)
         load_full_training_state(self.engine, self.model, self.groups, state)
-        for name, buffer in self.model.named_buffers():
+        for name, buffer in persistent_buffers(self.model).items():
             buffer.copy_(state["buffers"][name])
         for name, tensor in self.ema.model.named_parameters():
             tensor.copy_(local_shard(tensor, state["ema"][name], self.groups))
-        for name, buffer in self.ema.model.named_buffers():
+        for name, buffer in persistent_buffers(self.ema.model).items():
             buffer.copy_(state["ema"][name])
         self.scheduler.load_state_dict(state["lr_scheduler"])
         self.engine.global_steps = state["trainer"]["step"]

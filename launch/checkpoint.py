@@ -1,0 +1,149 @@
+#!/usr/bin/env python
+"""Inspect, consolidate (reshard) and export checkpoints.
+
+  python launch/checkpoint.py inspect runs/x/checkpoints                 # every checkpoint, verified
+  python launch/checkpoint.py consolidate runs/x/checkpoints/step_00010000
+  python launch/checkpoint.py export-ema runs/x/checkpoints/step_00010000 --out ema.safetensors
+
+`consolidate` turns a sharded checkpoint into whole tensors that any parallel layout resumes from
+(another world size, EP or TP size, ZeRO stage): it starts one CPU process per rank that wrote the
+checkpoint (torchrun, gloo), each loads its shards, and rank 0 writes <checkpoint>_consolidated/
+beside it, where `pretrain_diffmoe.py --resume auto` finds it. Every rank holds the whole model
+and optimizer state for a moment: plan CPU memory accordingly.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diffmoe_scale.config import ConfigError, config_from_dict  # noqa: E402
+from diffmoe_scale.train.checkpoint import (CONSOLIDATED, CONSOLIDATED_FILE, MANIFEST, SHARDED,  # noqa: E402
+                                            atomic_torch_save, describe_layout, list_checkpoints, publish,
+                                            read_manifest, verify)
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def inspect(args) -> int:
+    """One line per checkpoint, each verified against its manifest; exit 1 if any is unusable."""
+    path = Path(args.path)
+    checkpoints = [path] if (path / MANIFEST).exists() or path.name.startswith("step_") else list_checkpoints(path)
+    if not checkpoints:
+        return fail(f"{path}: no checkpoints there")
+    unusable = 0
+    for checkpoint in checkpoints:
+        manifest, problem = verify(checkpoint)
+        if problem:
+            unusable += 1
+            print(f"{checkpoint}: UNUSABLE: {problem}")
+            continue
+        model, moe = manifest["config"]["model"], manifest["config"]["moe"]
+        mib = sum(size for size, _ in manifest["files"].values()) / 2**20
+        experts = f", {moe['num_experts']} experts" if moe["ffn"] != "dense" else ""
+        print(f"{checkpoint}: {manifest['kind']}, step {manifest['step']}, written by {describe_layout(manifest['layout'])}"
+              f"; {len(manifest['files'])} files, {mib:.1f} MiB, intact")
+        print(f"    model {moe['ffn']} depth {model['depth']} width {model['hidden_size']}{experts}; run "
+              f"{manifest['run_id']}, code {manifest['code_version']}, saved {manifest['saved_at']}")
+    return 1 if unusable else 0
+
+
+def consolidate(args) -> int:
+    path = Path(args.path)
+    manifest = read_manifest(path)
+    if manifest is None:
+        return fail(f"{path}: not a checkpoint with a manifest (see `inspect`)")
+    if manifest["kind"] == CONSOLIDATED:
+        print(f"{path} is consolidated already")
+        return 0
+    out = Path(args.out) if args.out else path.with_name(path.name + "_consolidated")
+    if "RANK" in os.environ:
+        return consolidate_on_this_rank(path, manifest, out)
+    world = manifest["layout"]["world_size"]
+    print(f"consolidating {path} ({describe_layout(manifest['layout'])}) on {world} CPU processes -> {out}", flush=True)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+               __file__, "consolidate", str(path), "--out", str(out)]
+    return subprocess.run(command, env=env).returncode
+
+
+def consolidate_on_this_rank(path: Path, manifest: dict, out: Path) -> int:
+    from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime
+    from diffmoe_scale.train.trainer import Trainer
+
+    runtime = init_runtime()
+    try:
+        trainer = Trainer(config_from_dict(manifest["config"], source=str(path / MANIFEST)), runtime)
+        trainer.resume(str(path))
+        state = trainer.consolidated_state()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        exit_process(1)
+    if runtime.is_main:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        atomic_torch_save(state, out / CONSOLIDATED_FILE)
+    publish(out, {**trainer.checkpoint_meta(CONSOLIDATED), "consolidated_from": str(path)}, runtime.is_main)
+    if runtime.is_main:
+        print(f"consolidated step {trainer.step} into {out}", flush=True)
+    shutdown_runtime()
+    exit_process(0)
+
+
+def plain_name(name: str) -> str:
+    """The parameter's name in the model as `build_model` makes it (without the DeepSpeed MoE wrapper)."""
+    return name.replace("deepspeed_moe.", "")
+
+
+def export_ema(args) -> int:
+    """The EMA weights (and thresholds) as one safetensors file, named as in `build_model`'s model."""
+    path = Path(args.path)
+    manifest, problem = verify(path)
+    if problem:
+        return fail(f"{path}: {problem}")
+    if manifest["kind"] == SHARDED:
+        consolidated = path.with_name(path.name + "_consolidated")
+        if read_manifest(consolidated) is None and consolidate(argparse.Namespace(path=str(path), out=None)):
+            return fail(f"{path}: could not consolidate it")
+        path, manifest = consolidated, read_manifest(consolidated)
+    ema = torch.load(path / CONSOLIDATED_FILE, weights_only=False)["ema"]
+    metadata = {"config": json.dumps(manifest["config"]), "step": str(manifest["step"]), "run_id": manifest["run_id"],
+                "code_version": manifest["code_version"], "source": str(path)}
+    save_file({plain_name(name): tensor.contiguous() for name, tensor in ema.items()}, args.out, metadata=metadata)
+    print(f"exported the EMA weights of step {manifest['step']} ({len(ema)} tensors) to {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 2)[2])
+    commands = parser.add_subparsers(dest="command", required=True)
+    command = commands.add_parser("inspect", help="summarise and verify a checkpoint or every one in a directory")
+    command.add_argument("path")
+    command.set_defaults(run=inspect)
+    command = commands.add_parser("consolidate", help="whole tensors from a sharded checkpoint, for any layout")
+    command.add_argument("path", help="a sharded checkpoint directory (step_<n>)")
+    command.add_argument("--out", help="output directory (default: <path>_consolidated beside it)")
+    command.set_defaults(run=consolidate)
+    command = commands.add_parser("export-ema", help="EMA weights to one safetensors file (consolidates first)")
+    command.add_argument("path", help="a sharded or consolidated checkpoint directory")
+    command.add_argument("--out", required=True, help="the .safetensors file to write")
+    command.set_defaults(run=export_ema)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
