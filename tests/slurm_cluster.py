@@ -8,8 +8,9 @@ for tests that need real sbatch/srun/requeue/signal behaviour. Standard library 
 Clients must run with `cluster.env` (it points SLURM_CONF at this cluster's slurm.conf); jobs
 inherit it, so `srun` inside a batch script finds the cluster too, unless the job is submitted
 with --export=NONE. Finished jobs stay queryable for MinJobAge (10 min); there is no accounting,
-so no sacct. A requeued job restarts a few seconds later: AuthInfo's cred_expire sets that delay
-(Slurm's default is 120 s) and sched_interval the scheduler's idle poll.
+so no sacct. A requeued job starts again about 11 s later: slurm.conf's AuthInfo cred_expire=10
+sets that delay (Slurm's default is 120 s, its minimum 5 s) and sched_interval=1 makes the
+scheduler notice at once (its default idle poll is 60 s).
 Needs root (the daemons run as root); installs Slurm with launch/install_slurm.sh when missing.
 """
 import os
@@ -19,7 +20,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import textwrap
 import time
@@ -35,6 +35,8 @@ REQUIRED_BINARIES = ("sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo",
 SLURM_ENV_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "SQUEUE_", "SINFO_", "SCANCEL_")
 # The daemons live in sbin, which a non-login shell's PATH may lack.
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
+                "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
 class SlurmClusterError(RuntimeError):
@@ -48,6 +50,10 @@ class JobState:
     restarts: int   # how often it was requeued
     exit_code: str  # "exit_status:signal", e.g. "0:0"
 
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL_STATES
+
 
 class LocalSlurmCluster:
     def __init__(self, workdir: Path, nodes: int = 2, cpus_per_node: int = 1,
@@ -60,7 +66,7 @@ class LocalSlurmCluster:
         self.log_dir = self.workdir / "log"
         self.env = _client_env(self.conf_path)
         self._rundir: Path | None = None
-        self._daemons: list[subprocess.Popen] = []
+        self._daemons: dict[str, subprocess.Popen] = {}  # in start order
 
     def __enter__(self) -> "LocalSlurmCluster":
         try:
@@ -112,6 +118,8 @@ class LocalSlurmCluster:
     # ---- start
 
     def _start(self) -> None:
+        if os.geteuid() != 0:
+            raise SlurmClusterError("LocalSlurmCluster runs slurmd and slurmctld as root; run as root")
         _ensure_installed()
         self.log_dir.mkdir(parents=True, exist_ok=True)
         # Unix sockets (munge's, slurmstepd's in the spool dirs) have a ~108-byte path limit,
@@ -161,7 +169,7 @@ class LocalSlurmCluster:
             AuthType=auth/munge
             CredType=cred/munge
             # cred_expire is also how long a requeued job waits before it may start again.
-            AuthInfo=socket={self.munge_socket},cred_expire=5
+            AuthInfo=socket={self.munge_socket},cred_expire=10
             StateSaveLocation={state_dir}
             SlurmdSpoolDir={self._rundir}/spool-%n
             SlurmctldPidFile={self.workdir}/slurmctld.pid
@@ -190,9 +198,9 @@ class LocalSlurmCluster:
         with open(self.log_dir / f"{name}.log", "ab") as out:
             # Own session: a Ctrl-C meant for the test run must not kill the daemons before
             # __exit__ stops them in order.
-            self._daemons.append(subprocess.Popen(
+            self._daemons[name] = subprocess.Popen(
                 [executable, *command[1:]], env=self.env, stdin=subprocess.DEVNULL,
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def _wait_until_idle(self) -> None:
         def all_idle() -> bool:
@@ -204,7 +212,7 @@ class LocalSlurmCluster:
     def _wait(self, condition: Callable[[], bool], what: str) -> None:
         deadline = time.monotonic() + self.start_timeout
         while not condition():
-            dead = [p.args[0] for p in self._daemons if p.poll() is not None]
+            dead = [name for name, process in self._daemons.items() if process.poll() is not None]
             if dead or time.monotonic() > deadline:
                 problem = f"{', '.join(dead)} exited" if dead else f"timed out after {self.start_timeout:.0f} s"
                 raise SlurmClusterError(f"waiting for {what}: {problem}\n{self.log_tails()}")
@@ -213,25 +221,27 @@ class LocalSlurmCluster:
     # ---- stop
 
     def _stop(self) -> None:
-        if self._daemons and self._daemons[0].poll() is None:
+        controller = self._daemons.get("slurmctld")
+        if controller is not None and controller.poll() is None:
             self._cancel_all_jobs()
-        for daemon in reversed(self._daemons):  # slurmds, then slurmctld, then munged
+        # Job processes and slurmstepds that outlived the cancel; a slurmd would wait for them.
+        _kill_all(self._leftover_pids() - {daemon.pid for daemon in self._daemons.values()})
+        for daemon in reversed(self._daemons.values()):  # slurmds, then slurmctld, then munged
             _terminate(daemon)
-        self._daemons = []
-        _kill_all(self._leftover_pids())
+        self._daemons = {}
         if self._rundir is not None:
             shutil.rmtree(self._rundir, ignore_errors=True)
             self._rundir = None
 
-    def _cancel_all_jobs(self, timeout: float = 15.0) -> None:
-        if self.run("scancel", "--me", check=False, timeout=timeout).returncode != 0:
-            return
+    def _cancel_all_jobs(self, timeout: float = 10.0) -> None:
+        """Cancel the jobs and give them a moment to end; whatever survives is killed later."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            queue = self.run("squeue", "-h", "-o", "%i", check=False, timeout=timeout)
-            if queue.returncode != 0 or not queue.stdout.strip():
-                return
-            time.sleep(0.25)
+        try:
+            self.run("scancel", "--me", timeout=timeout)
+            while time.monotonic() < deadline and self.run("squeue", "-h", timeout=timeout).stdout:
+                time.sleep(0.25)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            pass
 
     def _leftover_pids(self) -> set[int]:
         """Processes that carry this cluster's SLURM_CONF (slurmstepd, job processes, clients)
@@ -242,13 +252,13 @@ class LocalSlurmCluster:
             parents[pid] = ppid
             if marker in environ:
                 marked.add(pid)
-        found = set(marked)
+        spared = _ancestors_of_self(parents)
+        found = marked - spared
         while True:
-            children = {pid for pid, ppid in parents.items() if ppid in found} - found
+            children = {pid for pid, ppid in parents.items() if ppid in found} - found - spared
             if not children:
-                break
+                return found
             found |= children
-        return found - _ancestors_of_self(parents)
 
 
 def _client_env(conf_path: Path) -> dict:
@@ -349,7 +359,7 @@ def _check_two_node_job(cluster: LocalSlurmCluster, workdir: Path) -> None:
         srun bash -c 'echo $SLURM_PROCID $SLURM_NODEID $SLURM_STEP_NODELIST'
         """)
     job_id = cluster.submit(script, f"--output={workdir}/hello.out")
-    job = cluster.wait_for(job_id, lambda j: j.state not in ("PENDING", "RUNNING", "COMPLETING"))
+    job = cluster.wait_for(job_id, lambda j: j.finished)
     output = (workdir / "hello.out").read_text()
     print(f"two-node job: {job}\n{output}")
     assert job.state == "COMPLETED", job
@@ -368,7 +378,7 @@ def _check_requeue(cluster: LocalSlurmCluster, workdir: Path) -> None:
         """)
     started = time.monotonic()
     job_id = cluster.submit(script, "--requeue", "--open-mode=append", f"--output={workdir}/requeue.out")
-    job = cluster.wait_for(job_id, lambda j: j.state == "COMPLETED" or j.state == "FAILED")
+    job = cluster.wait_for(job_id, lambda j: j.finished)
     output = (workdir / "requeue.out").read_text()
     run_starts = [float(line.split()[-1]) for line in output.splitlines() if line.startswith("run ")]
     print(f"requeue: {job}, {time.monotonic() - started:.1f} s from submission to completion, "
@@ -422,4 +432,4 @@ def _self_check() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(_self_check())
+    _self_check()

@@ -134,7 +134,11 @@ def test_imagenet_config_matches_name_and_paper(stem):
     assert (config.train.global_batch_size, config.train.ema_decay) == (256, 0.9999)
     assert (config.sample.steps, config.sample.cfg_scale) == (250, 1.0)
     assert config.diffusion.num_timesteps == 1000
-    assert (config.parallel.ep, config.parallel.tp, config.parallel.zero_stage) == (1, 1, 0)
+    # The L-E8 runs carry the slurm/l_e8_7m recipes' layout; the others leave it to the launch.
+    layout = (8, 1, 1) if stem.startswith("diffmoe_l_e8_") else (1, 1, 0)
+    assert (config.parallel.ep, config.parallel.tp, config.parallel.zero_stage) == layout
+    assert (config.checkpoint.every_steps, config.checkpoint.keep_last, config.checkpoint.keep_every) == (
+        10_000, 3, 500_000)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,6 +298,9 @@ BAD_CASES = [
     case("grad-accum-zero", DIGITS_BASE + "train:\n  grad_accum_steps: 0\n", "train.grad_accum_steps: must be at least 1"),
     case("checkpoint-every-zero", DIGITS_BASE + "parallel:\n  activation_checkpointing_every: 0\n",
          "parallel.activation_checkpointing_every: must be at least 1"),
+    case("keep-last-zero", DIGITS_BASE + "checkpoint:\n  keep_last: 0\n", "checkpoint.keep_last: must be at least 1"),
+    case("checkpoint-negative", DIGITS_BASE + "checkpoint:\n  every_steps: -5\n", "checkpoint.every_steps: must be >= 0"),
+    case("keep-every-negative", DIGITS_BASE + "checkpoint:\n  keep_every: -1\n", "checkpoint.keep_every: must be >= 0"),
     case("bad-precision", DIGITS_BASE + "train:\n  precision: fp8\n", "train.precision must be one of"),
     # files
     case("missing-file", None, "config file not found", named="bad.yaml"),
