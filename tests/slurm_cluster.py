@@ -223,25 +223,30 @@ class LocalSlurmCluster:
     def _stop(self) -> None:
         controller = self._daemons.get("slurmctld")
         if controller is not None and controller.poll() is None:
-            self._cancel_all_jobs()
-        # Job processes and slurmstepds that outlived the cancel; a slurmd would wait for them.
-        _kill_all(self._leftover_pids() - {daemon.pid for daemon in self._daemons.values()})
+            self._end_all_jobs()
         for daemon in reversed(self._daemons.values()):  # slurmds, then slurmctld, then munged
             _terminate(daemon)
         self._daemons = {}
+        _kill_all(self._leftover_pids())  # e.g. what a job started in a session of its own
         if self._rundir is not None:
             shutil.rmtree(self._rundir, ignore_errors=True)
             self._rundir = None
 
-    def _cancel_all_jobs(self, timeout: float = 10.0) -> None:
-        """Cancel the jobs and give them a moment to end; whatever survives is killed later."""
-        deadline = time.monotonic() + timeout
+    def _end_all_jobs(self) -> None:
+        """Cancel all jobs, then SIGKILL the processes of those that ignore the cancel's SIGTERM
+        (Slurm itself would wait KillWait, 30 s)."""
         try:
-            self.run("scancel", "--me", timeout=timeout)
-            while time.monotonic() < deadline and self.run("squeue", "-h", timeout=timeout).stdout:
-                time.sleep(0.25)
+            for scancel_args, grace in (((), 10.0), (("--signal=KILL",), 5.0)):
+                self.run("scancel", "--me", *scancel_args, timeout=grace)
+                deadline = time.monotonic() + grace
+                while self.run("squeue", "-h", timeout=grace).stdout:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.25)
+                else:
+                    return
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
-            pass
+            pass  # the sweep in _stop still kills what is left
 
     def _leftover_pids(self) -> set[int]:
         """Processes that carry this cluster's SLURM_CONF (slurmstepd, job processes, clients)

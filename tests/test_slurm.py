@@ -1,0 +1,81 @@
+"""The real recipe on a real Slurm cluster (slurmctld and two slurmd on loopback, started here):
+slurm/l_e8_7m.sbatch, pointed at the digits config by environment variables, runs EP=2 over two
+nodes, is preempted with SIGUSR1, requeues itself, resumes and ends with a straight run's losses."""
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import clean_env, read_metrics
+from tests.slurm_cluster import LocalSlurmCluster
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 60
+OVERRIDES = [f"train.max_steps={STEPS}", "train.global_batch_size=64", "logging.every_steps=1",
+             "checkpoint.every_steps=20", "parallel.ep=2", "sample.steps=2", "sample.per_class=1"]
+DETERMINED = ("loss", "predictor_loss", "grad_norm", "lr", "c_avg", "capacity")
+
+pytestmark = pytest.mark.slow
+
+
+def straight_run(out_dir: Path) -> list[dict]:
+    """The same training without Slurm or preemption: torchrun, two ranks, one thread each."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "pretrain_diffmoe.py", "--config", "configs/digits_diffmoe_e4_flow.yaml",
+               "--set", f"train.out_dir={out_dir}"]
+    for override in OVERRIDES:
+        command += ["--set", override]
+    result = subprocess.run(command, cwd=REPO, env={**clean_env(), "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return read_metrics(out_dir)
+
+
+def last_step(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    return max((json.loads(line)["step"] for line in lines if line.endswith("}")), default=0)
+
+
+def test_l_e8_recipe_is_preempted_requeues_resumes_and_matches_a_straight_run(tmp_path):
+    run_dir, log_dir = tmp_path / "run", tmp_path / "logs"
+    with LocalSlurmCluster(tmp_path / "cluster", nodes=2, cpus_per_node=1) as cluster:
+        site = {"NODES": "2", "TASKS_PER_NODE": "1", "GPUS_PER_NODE": "0", "CPUS_PER_TASK": "1", "TIME": "15",
+                "CONFIG": "configs/digits_diffmoe_e4_flow.yaml", "RUN_DIR": str(run_dir), "LOG_DIR": str(log_dir),
+                "OVERRIDES": " ".join(OVERRIDES), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+        env = {**clean_env(), "SLURM_CONF": cluster.env["SLURM_CONF"], "PATH": cluster.env["PATH"], **site}
+        submitted = subprocess.run(["bash", "slurm/l_e8_7m.sbatch"], cwd=REPO, env=env, capture_output=True,
+                                   text=True, timeout=60)
+        assert submitted.returncode == 0, submitted.stderr
+        job = int(re.search(r"Submitted batch job (\d+)", submitted.stdout).group(1))
+        log = log_dir / f"diffmoe-l-e8-flow-{job}.out"
+
+        deadline = time.time() + 300
+        while last_step(run_dir) < 15:
+            assert not cluster.job_state(job).finished, log.read_text()
+            assert time.time() < deadline, f"no progress:\n{log.read_text() if log.exists() else ''}"
+            time.sleep(0.2)
+        cluster.run("scancel", "--signal=USR1", str(job))  # what --signal=USR1@... sends the steps
+        cluster.wait_for(job, lambda state: state.restarts >= 1, timeout=120)
+        final = cluster.wait_for(job, lambda state: state.finished, timeout=600)
+        output = log.read_text()
+        assert final.state == "COMPLETED" and final.restarts == 1, f"{final}\n{output}"
+
+    stopped = int(re.search(r"stopped at step (\d+)", output).group(1))
+    assert 15 <= stopped < STEPS
+    for expected in (f"== job {job} (diffmoe-l-e8-flow) start 1 on n[1-2], 2 tasks, rendezvous 127.0.0.1:",
+                     f"== saved after a stop signal: requeueing job {job}",
+                     f"== job {job} (diffmoe-l-e8-flow) start 2 on n[1-2]",
+                     f"resumed from {run_dir}/checkpoints/step_{stopped:08d} at step {stopped}",
+                     "2 ranks (srun)", "== tasks exited with status 0"):
+        assert expected in output, f"{expected!r} not in the job log:\n{output}"
+
+    resumed, straight = read_metrics(run_dir), straight_run(tmp_path / "straight")
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    for ours, theirs in zip(resumed, straight):
+        for key in DETERMINED:
+            assert ours[key] == theirs[key], f"step {ours['step']}: {key} {ours[key]} != {theirs[key]}"
