@@ -3,7 +3,7 @@
 # test cluster in tests/slurm_cluster.py. Idempotent: does nothing when they are on PATH.
 set -euo pipefail
 
-# The daemons live in /usr/sbin, which a non-login root shell may not have on PATH.
+# The daemons live in /usr/sbin, which the PATH of a non-login shell may lack.
 export PATH="$PATH:/usr/sbin:/sbin"
 
 missing=()
@@ -12,7 +12,7 @@ for binary in sbatch slurmctld slurmd munged; do
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
 
-if [ "$(id -u)" -ne 0 ]; then
+if [ "$EUID" -ne 0 ]; then
     echo "install_slurm: missing ${missing[*]}; run this script as root (it uses apt-get)." >&2
     exit 1
 fi

@@ -19,7 +19,7 @@ submit_self() {
     options+=(--output "$log_dir/%x-%j.out" --open-mode append --requeue --signal "USR1@${SIGNAL_LEAD:-600}")
     [[ -n ${NODES:-} ]] && options+=(--nodes "$NODES")
     [[ -n ${TASKS_PER_NODE:-${GPUS_PER_NODE:-}} ]] && options+=(--ntasks-per-node "${TASKS_PER_NODE:-$GPUS_PER_NODE}")
-    [[ -n ${GPUS_PER_NODE:-} && $GPUS_PER_NODE != 0 ]] && options+=(--gpus-per-node "$GPUS_PER_NODE")
+    [[ -n ${GPUS_PER_NODE:-} ]] && options+=(--gpus-per-node "$GPUS_PER_NODE")  # 0 clears the #SBATCH line
     [[ -n ${CPUS_PER_TASK:-} ]] && options+=(--cpus-per-task "$CPUS_PER_TASK")
     [[ -n ${TIME:-} ]] && options+=(--time "$TIME")
     [[ -n ${ACCOUNT:-} ]] && options+=(--account "$ACCOUNT")

@@ -3,7 +3,7 @@ for tests that need real sbatch/srun/requeue/signal behaviour. Standard library 
 
     with LocalSlurmCluster(tmp_path, nodes=2) as cluster:
         job_id = cluster.submit(script, "--nodes=2", env_overrides={"SBATCH_TIMELIMIT": "5"})
-        cluster.wait_for(job_id, lambda job: job.state == "COMPLETED")
+        cluster.wait_for(job_id, lambda job: job.finished)
 
 Clients must run with `cluster.env` (it points SLURM_CONF at this cluster's slurm.conf); jobs
 inherit it, so `srun` inside a batch script finds the cluster too, unless the job is submitted
@@ -45,7 +45,7 @@ class SlurmClusterError(RuntimeError):
 
 @dataclass(frozen=True)
 class JobState:
-    state: str      # PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, REQUEUED, ...
+    state: str      # PENDING, RUNNING, COMPLETING, COMPLETED, FAILED, CANCELLED, TIMEOUT, ...
     reason: str     # why it is pending, e.g. BeginTime
     restarts: int   # how often it was requeued
     exit_code: str  # "exit_status:signal", e.g. "0:0"
@@ -110,7 +110,7 @@ class LocalSlurmCluster:
 
     def log_tails(self, lines: int = 20) -> str:
         tails = []
-        for log in sorted(self.log_dir.glob("*")):
+        for log in sorted(self.log_dir.glob("*.log")):
             text = log.read_text(errors="replace").splitlines()[-lines:]
             tails.append(f"--- {log.name}\n" + "\n".join(text))
         return "\n".join(tails)
@@ -119,7 +119,7 @@ class LocalSlurmCluster:
 
     def _start(self) -> None:
         if os.geteuid() != 0:
-            raise SlurmClusterError("LocalSlurmCluster runs slurmd and slurmctld as root; run as root")
+            raise SlurmClusterError("LocalSlurmCluster runs slurmctld and slurmd as root; run as root")
         _ensure_installed()
         self.log_dir.mkdir(parents=True, exist_ok=True)
         # Unix sockets (munge's, slurmstepd's in the spool dirs) have a ~108-byte path limit,
@@ -133,6 +133,10 @@ class LocalSlurmCluster:
             self._spawn(f"slurmd-{node}", "slurmd", "-D", "-N", node, "-f", str(self.conf_path))
         self._wait_until_idle()
 
+    @property
+    def munge_socket(self) -> Path:
+        return self._rundir / "munge.sock"
+
     def _start_munged(self) -> None:
         munge_dir = self.workdir / "munge"
         munge_dir.mkdir(mode=0o700, exist_ok=True)
@@ -144,22 +148,18 @@ class LocalSlurmCluster:
         self._spawn("munged", "munged", "--foreground", f"--key-file={key}",
                     f"--socket={self.munge_socket}", f"--pid-file={munge_dir / 'munged.pid'}",
                     f"--seed-file={munge_dir / 'munged.seed'}")
-        self._wait(lambda: self.munge_socket.exists(), "munged to create its socket")
-
-    @property
-    def munge_socket(self) -> Path:
-        return self._rundir / "munge.sock"
+        self._wait(self.munge_socket.exists, "munged to create its socket")
 
     def _write_conf(self) -> None:
         ctld_port, *node_ports = _free_ports(1 + len(self.node_names))
-        nodes = "\n".join(
-            f"NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={port} "
-            f"CPUs={self.cpus_per_node} RealMemory=1000 State=UNKNOWN"
-            for name, port in zip(self.node_names, node_ports))
         state_dir = self.workdir / "state"
         state_dir.mkdir(exist_ok=True)
         for name in self.node_names:
             (self._rundir / f"spool-{name}").mkdir()
+        nodes = "".join(
+            f"NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={port} "
+            f"CPUs={self.cpus_per_node} RealMemory=1000 State=UNKNOWN\n"
+            for name, port in zip(self.node_names, node_ports))
         self.conf_path.write_text(textwrap.dedent(f"""\
             ClusterName=lsc{secrets.token_hex(4)}
             SlurmctldHost=localhost
@@ -188,19 +188,18 @@ class LocalSlurmCluster:
             JobAcctGatherType=jobacct_gather/none
             JobCompType=jobcomp/none
             MailProg=/bin/true
-            """) + nodes + "\n" + textwrap.dedent(f"""\
-            PartitionName=debug Nodes={','.join(self.node_names)} Default=YES MaxTime=INFINITE State=UP
-            """))
+            """) + nodes +
+            f"PartitionName=debug Nodes={','.join(self.node_names)} Default=YES MaxTime=INFINITE State=UP\n")
 
     def _spawn(self, name: str, *command: str) -> None:
         executable = shutil.which(command[0], path=SEARCH_PATH)
         # In the foreground (-D, --foreground) the daemons log to stderr, early fatal errors included.
-        with open(self.log_dir / f"{name}.log", "ab") as out:
+        with open(self.log_dir / f"{name}.log", "ab") as log:
             # Own session: a Ctrl-C meant for the test run must not kill the daemons before
             # __exit__ stops them in order.
             self._daemons[name] = subprocess.Popen(
                 [executable, *command[1:]], env=self.env, stdin=subprocess.DEVNULL,
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def _wait_until_idle(self) -> None:
         def all_idle() -> bool:
@@ -227,43 +226,42 @@ class LocalSlurmCluster:
         for daemon in reversed(self._daemons.values()):  # slurmds, then slurmctld, then munged
             _terminate(daemon)
         self._daemons = {}
-        _kill_all(self._leftover_pids())  # e.g. what a job started in a session of its own
+        _kill_all(self._processes()[0])  # e.g. what a job started in a session of its own
         if self._rundir is not None:
             shutil.rmtree(self._rundir, ignore_errors=True)
             self._rundir = None
 
     def _end_all_jobs(self) -> None:
-        """Cancel all jobs, then SIGKILL the processes of those that ignore the cancel's SIGTERM
-        (Slurm itself would wait KillWait, 30 s)."""
         try:
-            for scancel_args, grace in (((), 10.0), (("--signal=KILL",), 5.0)):
-                self.run("scancel", "--me", *scancel_args, timeout=grace)
-                deadline = time.monotonic() + grace
-                while self.run("squeue", "-h", timeout=grace).stdout:
-                    if time.monotonic() > deadline:
-                        break
-                    time.sleep(0.25)
-                else:
-                    return
+            self.run("scancel", "--me", timeout=10)
+            if not self._queue_empties(within=5.0):
+                # Slurm would give processes that ignore the cancel's SIGTERM KillWait (30 s);
+                # killing the jobs' processes lets their slurmstepds finish the jobs at once.
+                _kill_all(self._processes()[1], signals=(signal.SIGKILL,))
+                self._queue_empties(within=10.0)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
-            pass  # the sweep in _stop still kills what is left
+            pass  # _stop kills what is left
 
-    def _leftover_pids(self) -> set[int]:
-        """Processes that carry this cluster's SLURM_CONF (slurmstepd, job processes, clients)
-        and their descendants, except this process and its ancestors."""
+    def _queue_empties(self, within: float) -> bool:
+        deadline = time.monotonic() + within
+        while self.run("squeue", "-h", timeout=within).stdout:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.25)
+        return True
+
+    def _processes(self) -> tuple[set[int], set[int]]:
+        """This cluster's processes: those that carry its SLURM_CONF (daemons, slurmstepds, job
+        processes, clients) and their descendants, but not this process and its ancestors;
+        and among them those that its jobs run (the slurmstepds' descendants)."""
         marker = f"SLURM_CONF={self.conf_path}\0".encode()
-        parents, marked = {}, set()
-        for pid, ppid, environ in _live_processes():
-            parents[pid] = ppid
-            if marker in environ:
-                marked.add(pid)
+        table = _process_table()
+        parents = {pid: ppid for pid, (ppid, _, _) in table.items()}
         spared = _ancestors_of_self(parents)
-        found = marked - spared
-        while True:
-            children = {pid for pid, ppid in parents.items() if ppid in found} - found - spared
-            if not children:
-                return found
-            found |= children
+        marked = {pid for pid, (_, _, environ) in table.items() if marker in environ} - spared
+        cluster = marked | _descendants(marked, parents, spared)
+        stepds = {pid for pid in cluster if table[pid][1] == "slurmstepd"}
+        return cluster, _descendants(stepds, parents, spared)
 
 
 def _client_env(conf_path: Path) -> dict:
@@ -305,8 +303,9 @@ def _terminate(process: subprocess.Popen, grace: float = 10.0) -> None:
             process.wait()
 
 
-def _live_processes():
-    """(pid, ppid, environ bytes) of every process but zombies."""
+def _process_table() -> dict[int, tuple[int, str, bytes]]:
+    """pid: (parent pid, command name, environ) of every process but zombies."""
+    table = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -315,9 +314,11 @@ def _live_processes():
             environ = Path(f"/proc/{entry}/environ").read_bytes()
         except OSError:  # it exited meanwhile
             continue
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        name, rest = stat[stat.index("(") + 1:].rsplit(")", 1)
+        state, ppid = rest.split()[:2]
         if state != "Z":
-            yield int(entry), int(ppid), environ
+            table[int(entry)] = (int(ppid), name, environ)
+    return table
 
 
 def _ancestors_of_self(parents: dict[int, int]) -> set[int]:
@@ -328,8 +329,17 @@ def _ancestors_of_self(parents: dict[int, int]) -> set[int]:
     return ancestors
 
 
-def _kill_all(pids: set[int], grace: float = 5.0) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def _descendants(roots: set[int], parents: dict[int, int], spared: set[int]) -> set[int]:
+    found = set()
+    while True:
+        children = {pid for pid, ppid in parents.items() if ppid in roots | found} - found - spared
+        if not children:
+            return found
+        found |= children
+
+
+def _kill_all(pids: set[int], signals=(signal.SIGTERM, signal.SIGKILL), grace: float = 5.0) -> None:
+    for sig in signals:
         for pid in pids:
             try:
                 os.kill(pid, sig)
@@ -406,14 +416,33 @@ def _check_signals(cluster: LocalSlurmCluster, workdir: Path) -> None:
             while true; do wait; done
             """)
         job_id = cluster.submit(script, f"--output={marks}.out")
-        _wait_for_path(marks.with_name(marks.name + ".ready1"))
-        _wait_for_path(marks.with_name(marks.name + ".ready0"))
+        for rank in (0, 1):
+            _wait_for_path(Path(f"{marks}.ready{rank}"))
         cluster.run("scancel", "--signal=USR1", *variant, str(job_id))
         time.sleep(2)
         cluster.run("scancel", str(job_id))
         got = marks.read_text().splitlines() if marks.exists() else []
         print(f"scancel --signal=USR1 {' '.join(variant)}: {sorted(got)}")
         assert set(got) == wanted, (variant, got)
+
+
+def _check_env_overrides(cluster: LocalSlurmCluster, workdir: Path) -> None:
+    """SBATCH_* variables override #SBATCH lines; SBATCH_GPUS_PER_NODE=0 neutralises a GPU
+    request these GPU-less nodes would reject."""
+    script = _script(workdir / "gpus.sh", """\
+        #SBATCH --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 --time=10
+        true
+        """)
+    rejected = cluster.run("sbatch", "--hold", str(script), check=False)
+    print(f"--gpus-per-node=8 as is: {rejected.stderr.strip()}")
+    assert rejected.returncode != 0
+    job_id = cluster.submit(script, "--hold", env_overrides={
+        "SBATCH_GPUS_PER_NODE": "0", "SBATCH_TIMELIMIT": "3", "SBATCH_REQUEUE": "1"})
+    line = cluster.run("scontrol", "show", "job", "-o", str(job_id)).stdout
+    cluster.run("scancel", str(job_id))
+    fields = dict(re.findall(r"\b(TimeLimit|Requeue|TresPerNode)=(\S+)", line))
+    print(f"with SBATCH_GPUS_PER_NODE=0 SBATCH_TIMELIMIT=3 SBATCH_REQUEUE=1: {fields}")
+    assert fields == {"TimeLimit": "00:03:00", "Requeue": "1", "TresPerNode": "gres:gpu:0"}, fields
 
 
 def _wait_for_path(path: Path, timeout: float = 30.0) -> None:
@@ -432,8 +461,9 @@ def _self_check() -> None:
         _check_two_node_job(cluster, workdir)
         _check_requeue(cluster, workdir)
         _check_signals(cluster, workdir)
+        _check_env_overrides(cluster, workdir)
     shutil.rmtree(workdir)
-    print("self-check passed")
+    print(f"self-check passed in {time.monotonic() - started:.1f} s")
 
 
 if __name__ == "__main__":
