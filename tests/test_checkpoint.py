@@ -154,16 +154,16 @@ def test_sigkill_and_resume_equals_straight_run_with_ep2(straight_ep2, tmp_path)
 
 
 @pytest.mark.slow
-def test_sigusr1_saves_at_the_next_step_and_resumes_exactly(straight, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+def test_preemption_signal_saves_at_the_next_step_and_resumes_exactly(signum, straight, tmp_path):
     proc = start(command(tmp_path, "checkpoint.every_steps=0"))
     wait_for_step(proc, tmp_path, 5)
-    os.kill(proc.pid, signal.SIGUSR1)
+    os.kill(proc.pid, signum)
     output = finish(proc, EXIT_PREEMPTED)
     stopped = int(output.split("stopped at step ")[1].split(";")[0])
     assert 5 <= stopped < STEPS and "Traceback" not in output
     assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == [f"step_{stopped:08d}"]
     assert resumed_step(run(command(tmp_path, "checkpoint.every_steps=0"))) == stopped
-    # The straight run saved every 8 steps; compare the last one only.
     assert_same_run(tmp_path, straight)
 
 
@@ -175,6 +175,8 @@ def test_truncated_newest_checkpoint_is_skipped_for_the_previous(straight, tmp_p
     damaged = tmp_path / "checkpoints" / "step_00000016"
     optimizer_file = next(damaged.glob("*optim_states.pt"))
     optimizer_file.write_bytes(optimizer_file.read_bytes()[:1000])
+    refused = run(command(tmp_path, resume=("--resume", str(damaged))), expected=2)
+    assert f"--resume {damaged}: 1 file(s) differ from its manifest, e.g. {optimizer_file.name}: 1000 bytes" in refused
     output = run(command(tmp_path))
     assert f"warning: skipping checkpoint {damaged}" in output and optimizer_file.name in output
     assert resumed_step(output) == 8
@@ -279,10 +281,13 @@ def test_ep2_zero1_checkpoint_resumes_on_one_process_after_consolidation(straigh
 
 @pytest.mark.slow
 def test_one_process_checkpoint_resumes_with_ep2_and_zero2(straight, tmp_path):
-    run(command(tmp_path, "train.max_steps=16"))
-    checkpoint_tool("consolidate", str(tmp_path / "checkpoints" / "step_00000016"))
-    run(command(tmp_path, "parallel.ep=2", "parallel.zero_stage=2", nproc=2))
-    assert_continues(tmp_path, straight, 16)
+    source, branch = tmp_path / "source", tmp_path / "branch"
+    run(command(source, "train.max_steps=16"))
+    checkpoint_tool("consolidate", str(source / "checkpoints" / "step_00000016"))
+    # A new run directory started from another run's checkpoint, named explicitly.
+    consolidated = source / "checkpoints" / "step_00000016_consolidated"
+    run(command(branch, "parallel.ep=2", "parallel.zero_stage=2", nproc=2, resume=("--resume", str(consolidated))))
+    assert_continues(branch, straight, 16)
 
 
 @pytest.mark.slow

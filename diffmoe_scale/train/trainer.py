@@ -192,17 +192,31 @@ class Trainer:
 
     def train(self, resume: str = "auto") -> int:
         """Resumes as `resume` says (see `resume`), runs to train.max_steps; returns the exit code."""
+        try:
+            self.resume(resume)
+            self.prepare_run_dir()
+            exit_code = self.run_steps()
+            self.save_checkpoint()  # the end of the run, or what a stop must not lose
+            if exit_code:
+                if self.runtime.is_main:
+                    print(f"stopped at step {self.step}; the same command resumes from "
+                          f"{self.config.checkpoint_dir}", flush=True)
+                return exit_code
+            self.save_samples(self.out_dir / "samples.png")
+            return 0
+        finally:
+            self.stop.restore()  # until here a signal only asks for a stop, during the final save too
+
+    def run_steps(self) -> int:
+        """Trains until train.max_steps or a stop request; returns the stop's exit code (0: none)."""
         config, every = self.config, self.config.checkpoint.every_steps
-        self.resume(resume)
-        self.prepare_run_dir()
         log = MetricsLog(self.out_dir / "metrics.jsonl", config.train.max_steps, self.runtime.is_main, self.step)
-        exit_code = 0
         try:
             window_start, window_steps = time.perf_counter(), 0
             while self.step < config.train.max_steps:
                 exit_code = max_over_ranks(self.stop.exit_code)  # every rank stops at the same step
                 if exit_code:
-                    break
+                    return exit_code
                 losses, grad_norm = self.train_step()
                 window_steps += 1
                 if self.step % config.logging.every_steps == 0 or self.step == config.train.max_steps:
@@ -213,15 +227,7 @@ class Trainer:
                 if every and self.step % every == 0:
                     self.save_checkpoint()
         finally:
-            self.stop.restore()
             log.close()
-        self.save_checkpoint()
-        if exit_code:
-            if self.runtime.is_main:
-                print(f"stopped at step {self.step}; the same command resumes from {self.config.checkpoint_dir}",
-                      flush=True)
-            return exit_code
-        self.save_samples(self.out_dir / "samples.png")
         return 0
 
     def layout(self) -> dict:
