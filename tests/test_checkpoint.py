@@ -126,11 +126,22 @@ def straight(tmp_path_factory):
     return out
 
 
+EP2 = ("parallel.ep=2",)
+EP2_ZERO1_BF16 = ("parallel.ep=2", "parallel.zero_stage=1", "train.precision=bf16")
+
+
 @pytest.fixture(scope="module")
-def straight_ep2(tmp_path_factory):
-    out = tmp_path_factory.mktemp("straight_ep2")
-    run(command(out, "parallel.ep=2", nproc=2))
-    return out
+def straight_ep2_runs(tmp_path_factory):
+    """Straight 2-rank runs by their overrides, each run once."""
+    runs = {}
+
+    def straight(overrides: tuple) -> Path:
+        if overrides not in runs:
+            runs[overrides] = tmp_path_factory.mktemp("straight_ep2")
+            run(command(runs[overrides], *overrides, nproc=2))
+        return runs[overrides]
+
+    return straight
 
 
 @pytest.mark.slow
@@ -144,17 +155,18 @@ def test_sigkill_and_resume_equals_straight_run(straight, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_equals_straight_run_with_ep2(straight_ep2, tmp_path):
-    proc = start(command(tmp_path, "parallel.ep=2", nproc=2))
+@pytest.mark.parametrize("overrides", [EP2, EP2_ZERO1_BF16], ids=["ep2", "ep2-zero1-bf16"])
+def test_sigkill_and_resume_equals_straight_run_with_ep2(overrides, straight_ep2_runs, tmp_path):
+    proc = start(command(tmp_path, *overrides, nproc=2))
     wait_for_step(proc, tmp_path, 11)
     kill_hard(proc)
-    output = run(command(tmp_path, "parallel.ep=2", nproc=2))
+    output = run(command(tmp_path, *overrides, nproc=2))
     assert resumed_step(output) in (8, 16)
-    assert_same_run(tmp_path, straight_ep2)
+    assert_same_run(tmp_path, straight_ep2_runs(overrides))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
 def test_preemption_signal_saves_at_the_next_step_and_resumes_exactly(signum, straight, tmp_path):
     proc = start(command(tmp_path, "checkpoint.every_steps=0"))
     wait_for_step(proc, tmp_path, 5)
@@ -268,7 +280,7 @@ def assert_continues(ours: Path, straight: Path, from_step: int) -> None:
 
 
 @pytest.mark.slow
-def test_ep2_zero1_checkpoint_resumes_on_one_process_after_consolidation(straight_ep2, tmp_path):
+def test_ep2_zero1_checkpoint_resumes_on_one_process_after_consolidation(straight_ep2_runs, tmp_path):
     run(command(tmp_path, "parallel.ep=2", "parallel.zero_stage=1", "train.max_steps=16", nproc=2))
     sharded = tmp_path / "checkpoints" / "step_00000016"
     refused = run(command(tmp_path), expected=2)
@@ -276,7 +288,7 @@ def test_ep2_zero1_checkpoint_resumes_on_one_process_after_consolidation(straigh
     assert "consolidated step 16" in checkpoint_tool("consolidate", str(sharded))
     output = run(command(tmp_path))
     assert f"resumed from {sharded}_consolidated at step 16" in output
-    assert_continues(tmp_path, straight_ep2, 16)
+    assert_continues(tmp_path, straight_ep2_runs(EP2), 16)
 
 
 @pytest.mark.slow

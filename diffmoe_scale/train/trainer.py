@@ -273,6 +273,7 @@ class Trainer:
                 aside = root.with_name(f"{root.name}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
                 root.rename(aside)
                 print(f"warning: starting fresh; the existing checkpoints were moved to {aside}", flush=True)
+            barrier()
             return
         path = root if request == "auto" else Path(request)
         if request != "auto" and not path.exists():
