@@ -1,6 +1,7 @@
-"""The real recipe on a real Slurm cluster (slurmctld and two slurmd on loopback, started here):
-slurm/l_e8_7m.sbatch, pointed at the digits config by environment variables, runs EP=2 over two
-nodes, is preempted with SIGUSR1, requeues itself, resumes and ends with a straight run's losses."""
+"""The real recipes on a real Slurm cluster (slurmctld and two slurmd on loopback, started here):
+their site settings come from environment variables, and slurm/l_e8_7m.sbatch, pointed at the
+digits config, runs EP=2 over two nodes, is preempted with SIGUSR1, requeues itself, resumes and
+ends with a straight run's losses."""
 import json
 import re
 import subprocess
@@ -22,6 +23,51 @@ DETERMINED = ("loss", "predictor_loss", "grad_norm", "lr", "c_avg", "capacity")
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with LocalSlurmCluster(tmp_path_factory.mktemp("cluster"), nodes=2, cpus_per_node=1) as running:
+        yield running
+
+
+def client_env(cluster, **variables) -> dict:
+    """This test process's environment for Slurm clients: no launcher variables, this cluster."""
+    return {**clean_env(), "SLURM_CONF": cluster.env["SLURM_CONF"], "PATH": cluster.env["PATH"], **variables}
+
+
+def job_fields(cluster, job: int) -> dict:
+    line = cluster.run("scontrol", "show", "job", "-o", str(job)).stdout
+    return dict(re.findall(r"\b(\w+)=(\S+)", line))
+
+
+def submit_recipe(env: dict, *sbatch: str) -> int:
+    """`bash slurm/l_e8_7m.sbatch` (it submits itself), or `sbatch <options> slurm/l_e8_7m.sbatch`."""
+    command = ["sbatch", *sbatch, "slurm/l_e8_7m.sbatch"] if sbatch else ["bash", "slurm/l_e8_7m.sbatch"]
+    submitted = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    return int(re.search(r"Submitted batch job (\d+)", submitted.stdout).group(1))
+
+
+def test_site_settings_come_from_environment_variables(cluster, tmp_path):
+    ours = submit_recipe(client_env(
+        cluster, NODES="2", TASKS_PER_NODE="1", GPUS_PER_NODE="0", CPUS_PER_TASK="1", TIME="7", ACCOUNT="proj",
+        PARTITION="debug", SIGNAL_LEAD="120", LOG_DIR=str(tmp_path / "logs"), SBATCH_ARGS="--hold"))
+    # Plain sbatch: sbatch's own variables override the #SBATCH lines (nodes and tasks only by option).
+    plain = submit_recipe(client_env(cluster, SBATCH_GPUS_PER_NODE="0", SBATCH_TIMELIMIT="9",
+                                     SBATCH_ACCOUNT="other"),
+                          "--hold", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1")
+    fields = {job: job_fields(cluster, job) for job in (ours, plain)}
+    cluster.run("scancel", str(ours), str(plain))
+    expected = {
+        ours: {"NumNodes": "2-2", "NumTasks": "2", "TimeLimit": "00:07:00", "Account": "proj", "Partition": "debug",
+               "TresPerNode": "gres:gpu:0", "Requeue": "1", "JobName": "diffmoe-l-e8-flow",
+               "StdOut": f"{tmp_path}/logs/diffmoe-l-e8-flow-{ours}.out"},
+        plain: {"NumNodes": "2-2", "NumTasks": "2", "TimeLimit": "00:09:00", "Account": "other",
+                "TresPerNode": "gres:gpu:0", "Requeue": "1", "JobName": "diffmoe-l-e8-flow"},
+    }
+    for job, wanted in expected.items():
+        assert {key: fields[job].get(key) for key in wanted} == wanted
+
+
 def straight_run(out_dir: Path) -> list[dict]:
     """The same training without Slurm or preemption: torchrun, two ranks, one thread each."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -41,29 +87,23 @@ def last_step(run_dir: Path) -> int:
     return max((json.loads(line)["step"] for line in lines if line.endswith("}")), default=0)
 
 
-def test_l_e8_recipe_is_preempted_requeues_resumes_and_matches_a_straight_run(tmp_path):
+def test_l_e8_recipe_is_preempted_requeues_resumes_and_matches_a_straight_run(cluster, tmp_path):
     run_dir, log_dir = tmp_path / "run", tmp_path / "logs"
-    with LocalSlurmCluster(tmp_path / "cluster", nodes=2, cpus_per_node=1) as cluster:
-        site = {"NODES": "2", "TASKS_PER_NODE": "1", "GPUS_PER_NODE": "0", "CPUS_PER_TASK": "1", "TIME": "15",
-                "CONFIG": "configs/digits_diffmoe_e4_flow.yaml", "RUN_DIR": str(run_dir), "LOG_DIR": str(log_dir),
-                "OVERRIDES": " ".join(OVERRIDES), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-        env = {**clean_env(), "SLURM_CONF": cluster.env["SLURM_CONF"], "PATH": cluster.env["PATH"], **site}
-        submitted = subprocess.run(["bash", "slurm/l_e8_7m.sbatch"], cwd=REPO, env=env, capture_output=True,
-                                   text=True, timeout=60)
-        assert submitted.returncode == 0, submitted.stderr
-        job = int(re.search(r"Submitted batch job (\d+)", submitted.stdout).group(1))
-        log = log_dir / f"diffmoe-l-e8-flow-{job}.out"
-
-        deadline = time.time() + 300
-        while last_step(run_dir) < 15:
-            assert not cluster.job_state(job).finished, log.read_text()
-            assert time.time() < deadline, f"no progress:\n{log.read_text() if log.exists() else ''}"
-            time.sleep(0.2)
-        cluster.run("scancel", "--signal=USR1", str(job))  # what --signal=USR1@... sends the steps
-        cluster.wait_for(job, lambda state: state.restarts >= 1, timeout=120)
-        final = cluster.wait_for(job, lambda state: state.finished, timeout=600)
-        output = log.read_text()
-        assert final.state == "COMPLETED" and final.restarts == 1, f"{final}\n{output}"
+    job = submit_recipe(client_env(
+        cluster, NODES="2", TASKS_PER_NODE="1", GPUS_PER_NODE="0", CPUS_PER_TASK="1", TIME="15",
+        CONFIG="configs/digits_diffmoe_e4_flow.yaml", RUN_DIR=str(run_dir), LOG_DIR=str(log_dir),
+        OVERRIDES=" ".join(OVERRIDES), PYTHON=sys.executable, OMP_NUM_THREADS="1"))
+    log = log_dir / f"diffmoe-l-e8-flow-{job}.out"
+    deadline = time.time() + 300
+    while last_step(run_dir) < 15:
+        assert not cluster.job_state(job).finished, log.read_text()
+        assert time.time() < deadline, f"no progress:\n{log.read_text() if log.exists() else ''}"
+        time.sleep(0.2)
+    cluster.run("scancel", "--signal=USR1", str(job))  # what --signal=USR1@... sends the steps
+    cluster.wait_for(job, lambda state: state.restarts >= 1, timeout=120)
+    final = cluster.wait_for(job, lambda state: state.finished, timeout=600)
+    output = log.read_text()
+    assert final.state == "COMPLETED" and final.restarts == 1, f"{final}\n{output}"
 
     stopped = int(re.search(r"stopped at step (\d+)", output).group(1))
     assert 15 <= stopped < STEPS
