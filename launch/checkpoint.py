@@ -94,7 +94,7 @@ def consolidate_on_this_rank(path: Path, manifest: dict, out: Path) -> int:
             shutil.rmtree(out)
         out.mkdir(parents=True)
         atomic_torch_save(state, out / CONSOLIDATED_FILE)
-    publish(out, {**trainer.checkpoint_meta(CONSOLIDATED), "consolidated_from": str(path)}, runtime.is_main)
+    publish(out, {**trainer.checkpoint_meta(CONSOLIDATED), "consolidated_from": str(path)})
     if runtime.is_main:
         print(f"consolidated step {trainer.step} into {out}", flush=True)
     shutdown_runtime()

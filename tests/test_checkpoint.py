@@ -241,7 +241,7 @@ def test_flipped_byte_and_missing_manifest_make_a_checkpoint_unusable(tmp_path):
     data[10] ^= 1
     (newer / "weights.pt").write_bytes(bytes(data))
     assert "weights.pt" in verify(newer)[1]
-    path, _ = find_resumable(tmp_path, FAKE_LAYOUT, is_main=True)
+    path, _ = find_resumable(tmp_path, FAKE_LAYOUT)
     assert path == older
 
 

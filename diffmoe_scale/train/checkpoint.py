@@ -9,7 +9,8 @@
 
 A checkpoint counts only once its manifest.json exists and every file it lists has the recorded
 size and SHA-256: the manifest is written last, after every rank has finished writing and the files
-have been read back. Every function here that takes no `is_main` is collective.
+have been read back. `publish`, `verify`, `find_resumable` and `digest_files` are collective (every
+rank calls them); `prune` is rank 0's alone.
 """
 import hashlib
 import json
@@ -49,6 +50,10 @@ def rank_state_name(rank: int) -> str:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _is_main() -> bool:
+    return _rank() == 0
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -94,13 +99,13 @@ def read_manifest(checkpoint: Path) -> dict | None:
         return None
 
 
-def publish(checkpoint: Path, meta: dict, is_main: bool) -> dict:
+def publish(checkpoint: Path, meta: dict) -> dict:
     """Read back every file of a written checkpoint and write its manifest: from then on it counts.
     Returns the manifest."""
     names = broadcast_object(sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file())
-                             if is_main else None)
+                             if _is_main() else None)
     manifest = {**meta, "files": digest_files(checkpoint, names)}
-    if is_main:
+    if _is_main():
         atomic_write_text(checkpoint / MANIFEST, json.dumps(manifest, indent=1))
     barrier()
     return manifest
@@ -108,7 +113,7 @@ def publish(checkpoint: Path, meta: dict, is_main: bool) -> dict:
 
 def verify(checkpoint: Path) -> tuple[dict | None, str | None]:
     """(manifest, None) when the checkpoint is complete and intact, else (None, what is wrong)."""
-    manifest = broadcast_object(read_manifest(checkpoint) if _rank() == 0 else None)
+    manifest = broadcast_object(read_manifest(checkpoint) if _is_main() else None)
     if manifest is None:
         return None, "no readable manifest.json (its save did not finish)"
     expected = manifest["files"]
@@ -144,16 +149,16 @@ def prune(root: Path, keep_last: int, keep_every: int) -> list[Path]:
     return deleted
 
 
-def find_resumable(root: Path, layout: dict, is_main: bool) -> tuple[Path, dict] | None:
+def find_resumable(root: Path, layout: dict) -> tuple[Path, dict] | None:
     """The newest intact checkpoint this layout can resume from, skipping damaged ones with a warning.
 
     A sharded checkpoint resumes only into the parallel layout that wrote it; when the newest intact
     one has another layout and no consolidated twin, that is an error naming the way out."""
-    candidates = broadcast_object(list_checkpoints(root) if is_main else None)
+    candidates = broadcast_object(list_checkpoints(root) if _is_main() else None)
     for path in candidates:
         manifest, problem = verify(path)
         if problem:
-            if is_main:
+            if _is_main():
                 print(f"warning: skipping checkpoint {path}: {problem}", flush=True)
             continue
         if manifest["kind"] == CONSOLIDATED or manifest["layout"] == layout:

@@ -255,7 +255,7 @@ class Trainer:
                            "sampler": self.sampler.state_dict(), "ema": self.ema.state_dict()},
                           path / rank_state_name(self.runtime.rank))
         barrier()
-        manifest = publish(path, self.checkpoint_meta(SHARDED), is_main)
+        manifest = publish(path, self.checkpoint_meta(SHARDED))
         self.saved_step = self.step
         if is_main:
             atomic_write_text(root / "latest", path.name + "\n")
@@ -283,7 +283,7 @@ class Trainer:
             if problem:
                 raise ConfigError(f"--resume {path}: {problem}")
         else:
-            found = find_resumable(path, self.layout(), is_main)
+            found = find_resumable(path, self.layout())
             if found is None:
                 if request != "auto":
                     raise ConfigError(f"--resume {path}: no intact checkpoint there")
