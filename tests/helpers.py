@@ -3,6 +3,10 @@ import json
 import os
 from pathlib import Path
 
+# The tiny ImageFolder of conftest.py: class names, and the size of each class's images.
+CLASSES = ["cat", "dog", "owl"]
+SIZES = [(20, 30), (48, 36), (33, 33), (70, 40)]  # odd, wide, tall, large
+
 
 def clean_env() -> dict:
     """This environment without rendezvous or launcher variables (the in-process tests set some)."""

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from diffmoe_scale.train.checkpoint import MANIFEST, config_changes, file_digest, find_resumable, prune, verify
+from diffmoe_scale.train.stop import EXIT_PREEMPTED
 from tests.helpers import clean_env, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +23,6 @@ COMMON = ["train.global_batch_size=32", f"train.max_steps={STEPS}", "logging.eve
           "checkpoint.every_steps=8", "checkpoint.keep_last=5", "sample.steps=2", "sample.per_class=1"]
 # Metrics that a run's numbers decide (not its clock).
 DETERMINED = ("loss", "predictor_loss", "grad_norm", "lr", "c_avg", "capacity")
-EXIT_PREEMPTED = 75
 
 
 def command(out_dir: Path, *overrides: str, nproc: int = 1, resume: tuple = ()) -> list[str]:

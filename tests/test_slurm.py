@@ -39,9 +39,9 @@ def job_fields(cluster, job: int) -> dict:
     return dict(re.findall(r"\b(\w+)=(\S+)", line))
 
 
-def submit_recipe(env: dict, *sbatch: str) -> int:
-    """`bash slurm/l_e8_7m.sbatch` (it submits itself), or `sbatch <options> slurm/l_e8_7m.sbatch`."""
-    command = ["sbatch", *sbatch, "slurm/l_e8_7m.sbatch"] if sbatch else ["bash", "slurm/l_e8_7m.sbatch"]
+def submit_recipe(env: dict, *sbatch: str, recipe: str = "slurm/l_e8_7m.sbatch") -> int:
+    """`bash <recipe>` (it submits itself), or `sbatch <options> <recipe>`."""
+    command = ["sbatch", *sbatch, recipe] if sbatch else ["bash", recipe]
     submitted = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert submitted.returncode == 0, submitted.stderr
     return int(re.search(r"Submitted batch job (\d+)", submitted.stdout).group(1))
@@ -119,3 +119,17 @@ def test_l_e8_recipe_is_preempted_requeues_resumes_and_matches_a_straight_run(cl
     for ours, theirs in zip(resumed, straight):
         for key in DETERMINED:
             assert ours[key] == theirs[key], f"step {ours['step']}: {key} {ours[key]} != {theirs[key]}"
+
+
+def test_extraction_recipe_writes_latents_from_both_nodes(cluster, image_folder, vae_dir, tmp_path):
+    latents, log_dir = tmp_path / "latents", tmp_path / "logs"
+    job = submit_recipe(client_env(
+        cluster, NODES="2", TASKS_PER_NODE="1", GPUS_PER_NODE="0", CPUS_PER_TASK="1", TIME="10",
+        IMAGES=str(image_folder), DATA=str(latents), VAE=str(vae_dir), IMAGE_SIZE="16", SHARD_SIZE="5",
+        LOG_DIR=str(log_dir), PYTHON=sys.executable, OMP_NUM_THREADS="1"), recipe="slurm/extract_latents.sbatch")
+    final = cluster.wait_for(job, lambda state: state.finished, timeout=300)
+    output = (log_dir / f"diffmoe-extract-latents-{job}.out").read_text()
+    assert final.state == "COMPLETED", output
+    index = json.loads((latents / "index.json").read_text())
+    assert index["num_images"] == 12 and [s["count"] for s in index["shards"]] == [5, 5, 2]
+    assert "rank 0: shard 0 (5 images" in output and "rank 1: shard 1 (5 images" in output

@@ -100,8 +100,9 @@ def test_ctrl_c_saves_and_stops_at_a_step_boundary(tmp_path):
     assert (tmp_path / "checkpoints" / f"step_{stopped_at:08d}" / "manifest.json").is_file()
 
 
-def test_unavailable_dataset_is_a_config_error_before_training(tmp_path):
+def test_missing_latents_are_a_config_error_before_training(tmp_path):
     result = run_cli("--config", "configs/digits_diffmoe_e4_flow.yaml", "--set", "data.dataset=latents",
                      "--set", "data.path=/nonexistent", "--set", f"train.out_dir={tmp_path}")
     assert result.returncode == 2
-    assert "config error" in result.stderr and "data.dataset" in result.stderr
+    assert "config error" in result.stderr and "data.path: /nonexistent holds no readable index.json" in result.stderr
+    assert "launch/extract_latents.py" in result.stderr

@@ -1,7 +1,6 @@
 """The training loop: DeepSpeed engine, EMA, metrics, end-of-run sample grid, clean Ctrl-C."""
 import resource
 import shutil
-import signal
 import time
 import uuid
 from pathlib import Path
@@ -26,32 +25,7 @@ from .checkpoint import (CONSOLIDATED_FILE, MANIFEST, SHARDED, atomic_torch_save
 from .ema import EMA
 from .images import save_grid
 from .metrics import MetricsLog, keep_metrics_until
-
-EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on SIGTERM/SIGUSR1; the Slurm recipes requeue on it
-
-
-class StopRequest:
-    """SIGINT, SIGTERM and SIGUSR1 ask for a checkpoint and a stop at the next step boundary
-    (`exit_code` becomes non-zero); a second SIGINT aborts at once."""
-
-    EXIT_CODES = {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGTERM: EXIT_PREEMPTED, signal.SIGUSR1: EXIT_PREEMPTED}
-
-    def __init__(self):
-        self.exit_code = 0
-        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.EXIT_CODES}
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.exit_code == EXIT_INTERRUPTED:
-            raise KeyboardInterrupt
-        self.exit_code = max(self.exit_code, self.EXIT_CODES[signum])
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint and stopping after this step"
-              f"{' (Ctrl-C again to abort now)' if signum == signal.SIGINT else ''}", flush=True)
-
-    def restore(self):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
+from .stop import StopRequest
 
 def loss_weights(config: Config) -> dict[str, float]:
     """Weight of each loss term the model and objective return; anything else weighs 1."""
