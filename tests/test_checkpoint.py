@@ -303,6 +303,14 @@ def test_one_process_checkpoint_resumes_with_ep2_and_zero2(straight, tmp_path):
 
 
 @pytest.mark.slow
+def test_tp2_checkpoint_resumes_on_one_process_after_consolidation(straight, tmp_path):
+    run(command(tmp_path, "parallel.tp=2", "train.max_steps=16", nproc=2))
+    checkpoint_tool("consolidate", str(tmp_path / "checkpoints" / "step_00000016"))
+    run(command(tmp_path))
+    assert_continues(tmp_path, straight, 16)
+
+
+@pytest.mark.slow
 def test_export_ema_gathers_every_shard_into_the_plain_model(tmp_path):
     from safetensors.torch import load_file
 
