@@ -19,7 +19,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffmoe_scale.config import ConfigError, config_from_dict  # noqa: E402
 from diffmoe_scale.train.checkpoint import (CONSOLIDATED, CONSOLIDATED_FILE, MANIFEST, SHARDED,  # noqa: E402
                                             atomic_torch_save, describe_layout, list_checkpoints, publish,
-                                            read_manifest, verify)
+                                            read_ema_weights, read_manifest, verify)
 
 
 def fail(message: str) -> int:
@@ -101,13 +100,9 @@ def consolidate_on_this_rank(path: Path, manifest: dict, out: Path) -> int:
     exit_process(0)
 
 
-def plain_name(name: str) -> str:
-    """The parameter's name in the model as `build_model` makes it (without the DeepSpeed MoE wrapper)."""
-    return name.replace("deepspeed_moe.", "")
-
-
 def export_ema(args) -> int:
-    """The EMA weights (and thresholds) as one safetensors file, named as in `build_model`'s model."""
+    """The EMA weights (and thresholds) as one safetensors file, named as in `build_model`'s model,
+    with the config, step and run id in its metadata."""
     path = Path(args.path)
     manifest, problem = verify(path)
     if problem:
@@ -117,11 +112,11 @@ def export_ema(args) -> int:
         if read_manifest(consolidated) is None and consolidate(argparse.Namespace(path=str(path), out=None)):
             return fail(f"{path}: could not consolidate it")
         path, manifest = consolidated, read_manifest(consolidated)
-    ema = torch.load(path / CONSOLIDATED_FILE, weights_only=False)["ema"]
-    metadata = {"config": json.dumps(manifest["config"]), "step": str(manifest["step"]), "run_id": manifest["run_id"],
+    config, ema, step = read_ema_weights(path)
+    metadata = {"config": json.dumps(config), "step": str(step), "run_id": manifest["run_id"],
                 "code_version": manifest["code_version"], "source": str(path)}
-    save_file({plain_name(name): tensor.contiguous() for name, tensor in ema.items()}, args.out, metadata=metadata)
-    print(f"exported the EMA weights of step {manifest['step']} ({len(ema)} tensors) to {args.out}")
+    save_file({name: tensor.contiguous() for name, tensor in ema.items()}, args.out, metadata=metadata)
+    print(f"exported the EMA weights of step {step} ({len(ema)} tensors) to {args.out}")
     return 0
 
 

@@ -58,16 +58,18 @@ run_tasks() {
         exit 0
     fi
     echo "== tasks exited with status $status, $(date -Is)"
-    exit "$status"
+    return "$status"
 }
 
+# Outside a job: submit this recipe. Inside: run the command on every task (the recipe continues
+# after it only when it succeeded).
 submit_or_run() {
     if [[ -z ${SLURM_JOB_ID:-} ]]; then
         submit_self "$(realpath "$0")"
-    else
-        set_rendezvous
-        run_tasks "$@"
+        exit 0
     fi
+    set_rendezvous
+    run_tasks "$@"
 }
 
 # Training: pretrain_diffmoe.py with CONFIG and RUN_DIR (recipe defaults) and, when set, MAX_STEPS,

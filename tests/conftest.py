@@ -1,4 +1,7 @@
-"""Fixtures several test files share: a tiny ImageFolder and a tiny randomly initialised VAE."""
+"""Fixtures several test files share: a tiny ImageFolder, a tiny randomly initialised VAE, and a
+short digits run with its EMA weights exported."""
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -6,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import CLASSES, SIZES
+from tests.helpers import CLASSES, SIZES, clean_env
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +38,21 @@ def vae_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("vae")
     vae.save_pretrained(path)
     return path
+
+
+def run_python(*args: str) -> None:
+    result = subprocess.run([sys.executable, *args], cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    """A short digits run, its final checkpoint consolidated and its EMA exported to ema.safetensors."""
+    out = tmp_path_factory.mktemp("run")
+    run_python("pretrain_diffmoe.py", "--config", "configs/digits_diffmoe_e4_flow.yaml", "--set", "train.max_steps=30",
+        "--set", "train.global_batch_size=32", "--set", f"train.out_dir={out}", "--set", "sample.steps=2",
+        "--set", "sample.per_class=1")
+    run_python("launch/checkpoint.py", "export-ema", str(out / "checkpoints" / "step_00000030"), "--out",
+        str(out / "ema.safetensors"))
+    return out

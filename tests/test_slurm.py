@@ -133,3 +133,17 @@ def test_extraction_recipe_writes_latents_from_both_nodes(cluster, image_folder,
     index = json.loads((latents / "index.json").read_text())
     assert index["num_images"] == 12 and [s["count"] for s in index["shards"]] == [5, 5, 2]
     assert "rank 0: shard 0 (5 images" in output and "rank 1: shard 1 (5 images" in output
+
+
+def test_evaluation_recipe_samples_over_two_nodes_and_scores_the_digits(cluster, trained, tmp_path):
+    out, log_dir = tmp_path / "eval", tmp_path / "logs"
+    job = submit_recipe(client_env(
+        cluster, NODES="2", TASKS_PER_NODE="1", GPUS_PER_NODE="0", CPUS_PER_TASK="1", TIME="10",
+        WEIGHTS=str(trained / "ema.safetensors"), OUT=str(out), NUM_SAMPLES="40", EP="2", STEPS="4",
+        LOG_DIR=str(log_dir), PYTHON=sys.executable, OMP_NUM_THREADS="1"), recipe="slurm/evaluate.sbatch")
+    final = cluster.wait_for(job, lambda state: state.finished, timeout=300)
+    output = (log_dir / f"diffmoe-evaluate-{job}.out").read_text()
+    assert final.state == "COMPLETED", output
+    assert "2 tasks" in output and "wrote " in output
+    scores = json.loads((out / "scores.txt").read_text().splitlines()[-1])
+    assert scores["num_images"] == 40 and {"digit_fid", "digit_accuracy"} <= scores.keys()

@@ -27,3 +27,25 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     trace_sqrt_product = np.sqrt(np.clip(product_eigenvalues, 0, None)).sum()
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product)
 
+
+
+def save_statistics(path, mu: np.ndarray, sigma: np.ndarray) -> None:
+    """Reference statistics as ADM's reference batches store them (arrays `mu`, `sigma`)."""
+    np.savez(path, mu=mu, sigma=sigma)
+
+
+def load_statistics(path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as data:
+        if "mu" not in data or "sigma" not in data:
+            raise ValueError(f"{path}: reference statistics need arrays 'mu' and 'sigma' (it has {sorted(data)})")
+        return data["mu"], data["sigma"]
+
+
+def inception_score(probabilities: np.ndarray, splits: int = 10) -> float:
+    """exp(E_x KL(p(y|x) || p(y))), averaged over `splits` equal parts as is customary."""
+    scores = []
+    for part in np.array_split(np.asarray(probabilities, dtype=np.float64), splits):
+        marginal = part.mean(axis=0, keepdims=True)
+        kl = (part * (np.log(part + 1e-12) - np.log(marginal + 1e-12))).sum(axis=1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores))

@@ -211,6 +211,33 @@ def code_version() -> str:
     return commit + ("-dirty" if dirty else "")
 
 
+def plain_name(name: str) -> str:
+    """A parameter's name in the model as `build_model` makes it (without the DeepSpeed MoE wrapper)."""
+    return name.replace("deepspeed_moe.", "")
+
+
+def read_ema_weights(path: Path) -> tuple[dict, dict[str, torch.Tensor], int]:
+    """(config, EMA weights named as in `build_model`'s model, step) from a safetensors file written by
+    `launch/checkpoint.py export-ema` or from a consolidated checkpoint."""
+    from safetensors import safe_open
+
+    if path.is_file():
+        with safe_open(str(path), "pt") as file:
+            metadata = file.metadata() or {}
+            if "config" not in metadata:
+                raise ValueError(f"{path}: no config in its metadata (not written by launch/checkpoint.py export-ema)")
+            tensors = {name: file.get_tensor(name) for name in file.keys()}
+        return json.loads(metadata["config"]), tensors, int(metadata["step"])
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise ValueError(f"{path}: neither an exported EMA file nor a checkpoint with a manifest")
+    if manifest["kind"] != CONSOLIDATED:
+        raise ValueError(f"{path} is a sharded checkpoint: export its EMA weights first "
+                         f"(python launch/checkpoint.py export-ema {path} --out ema.safetensors)")
+    ema = torch.load(path / CONSOLIDATED_FILE, weights_only=False)["ema"]
+    return manifest["config"], {plain_name(name): tensor for name, tensor in ema.items()}, manifest["step"]
+
+
 def capture_rng() -> dict:
     """This process's global random number generators (the trainer's own generator is saved apart)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy.random.get_state()}

@@ -11,7 +11,7 @@ from ..config import Config, ConfigError, dump_config
 from ..data import ShuffledBatchSampler, build_dataset
 from ..diffusion import build_objective
 from ..models import build_model
-from ..parallel.collectives import all_gather, average_over_ranks, barrier, broadcast_object, max_over_ranks
+from ..parallel.collectives import average_over_ranks, barrier, broadcast_object, max_over_ranks
 from ..parallel.consolidate import (full_state, full_training_state, load_full_training_state, local_shard,
                                    persistent_buffers)
 from ..parallel.engine import PRECISION_DTYPES, build_engine, clip_grad_norm_, clips_in_engine
@@ -19,6 +19,7 @@ from ..parallel.expert_parallel import apply_threshold_quantiles, rows_sent_to_o
 from ..parallel.groups import setup_groups
 from ..parallel.parallelize import parallelize
 from ..parallel.runtime import Runtime
+from ..parallel.sampling import sample_distributed
 from .checkpoint import (CONSOLIDATED_FILE, MANIFEST, SHARDED, atomic_torch_save, atomic_write_text, capture_rng,
                          code_version, config_changes, find_resumable, layout_mismatch, list_checkpoints, prune,
                          publish, rank_state_name, restore_rng, tag_for, verify)
@@ -348,28 +349,9 @@ class Trainer:
             "all_to_all_mb": a2a_bytes / window_steps / 2**20,  # this rank to the others, per step
         }
 
-    @torch.no_grad()
     def sample_images(self, labels: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, float | None]:
-        """Class-conditional samples from the EMA weights, every rank taking part (experts are sharded):
-        each data-parallel rank samples its slice of the batch. Returns (images on every rank, C_avg)."""
-        config, model, groups = self.config, self.ema.model, self.groups
-        padded = -len(labels) % groups.dp_size  # repeat the last sample so the batch splits evenly
-        labels = torch.cat([labels, labels[-1:].expand(padded)])
-        noise = torch.cat([noise, noise[-1:].expand(padded, *noise.shape[1:])])
-        share = len(labels) // groups.dp_size
-        rows = slice(groups.dp_rank * share, (groups.dp_rank + 1) * share)
-        layer_c_avgs = []  # C_avg of every MoE layer call during sampling
-        hooks = [layer.register_forward_hook(lambda m, *_: layer_c_avgs.append(m.capacity_per_expert().mean().item()))
-                 for layer in model.moe_layers()]
-        try:
-            images = self.objective.sample(model, noise[rows], labels[rows], steps=config.sample.steps,
-                                           sampler=config.sample.sampler, cfg_scale=config.sample.cfg_scale)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        images = torch.cat(all_gather(images)[:: groups.tp_size])  # one copy per data-parallel rank
-        c_avg = sum(layer_c_avgs) / len(layer_c_avgs) if layer_c_avgs else None
-        return images[: len(images) - padded], c_avg
+        """Samples from the EMA weights (collective; see `sample_distributed`)."""
+        return sample_distributed(self.ema.model, self.objective, self.config.sample, self.groups, labels, noise)
 
     def save_samples(self, path: Path) -> None:
         """One row per class of class-conditional samples from the EMA weights."""

@@ -1,0 +1,51 @@
+"""Scores for generated images (uint8 [N, H, W, C] as in ADM's .npz files): digit metrics for the
+embedded digits, FID and Inception Score from an Inception network file for ImageNet."""
+import numpy as np
+import torch
+
+from ..data import load_digits_images
+from .digits_classifier import class_accuracy, digit_fid, train_digit_classifier
+from .fid import feature_statistics, frechet_distance, inception_score, load_statistics
+
+
+def to_model_range(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, C] -> float [N, C, H, W] in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+class DigitsEvaluator:
+    """Digit FID against all 1,797 real digits, and how often the classifier sees the asked-for digit."""
+
+    def __init__(self, seed: int = 0):
+        self.model, self.classifier_accuracy = train_digit_classifier(seed)
+        self.reference = load_digits_images()[0]
+
+    def __call__(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        samples = to_model_range(images)
+        return {"digit_fid": digit_fid(self.model, samples, self.reference),
+                "digit_accuracy": class_accuracy(self.model, samples, torch.from_numpy(labels)),
+                "classifier_held_out_accuracy": self.classifier_accuracy}
+
+
+class InceptionEvaluator:
+    """FID against reference statistics and the Inception Score, from an Inception network saved as
+    TorchScript with the interface of the `inception-2015-12-05.pt` file that StyleGAN3's and ADM-style
+    evaluators use: net(uint8 [N, 3, H, W], return_features=True) -> pool features [N, 2048];
+    return_features=False -> class probabilities."""
+
+    def __init__(self, network_path, reference_path=None, batch_size: int = 200):
+        self.network = torch.jit.load(str(network_path), map_location="cpu").eval()
+        self.reference = load_statistics(reference_path) if reference_path else None
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def outputs(self, images: np.ndarray, return_features: bool) -> np.ndarray:
+        batches = torch.from_numpy(images).permute(0, 3, 1, 2).split(self.batch_size)
+        return torch.cat([self.network(batch, return_features=return_features) for batch in batches]).double().numpy()
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        return self.outputs(images, return_features=True)
+
+    def __call__(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        return {"fid": frechet_distance(*feature_statistics(self.features(images)), *self.reference),
+                "inception_score": inception_score(self.outputs(images, return_features=False))}

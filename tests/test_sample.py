@@ -1,0 +1,112 @@
+"""launch/sample.py and launch/evaluate.py on a checkpoint of the digits config: one rank and EP=2
+sample the same images; the threshold-offset search keeps the best offset; evaluate.py scores digits
+and computes FID / IS through an Inception network file."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffmoe_scale.data import load_digits_images
+from diffmoe_scale.eval.fid import feature_statistics, frechet_distance, inception_score
+from tests.helpers import clean_env
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = ["--num-samples", "40", "--batch-size", "20", "--steps", "4"]
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args: str, expected: int = 0) -> str:
+    command = [sys.executable, *args] if args[0] != "torchrun" else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args[1:]]
+    result = subprocess.run(command, cwd=REPO, env={**clean_env(), "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == expected, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def samples(directory: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(directory / "samples.npz") as data:
+        return data["arr_0"], data["arr_1"]
+
+
+def test_one_rank_and_ep2_write_the_same_samples(trained, tmp_path):
+    one = run("launch/sample.py", "--weights", str(trained / "ema.safetensors"), "--out", str(tmp_path / "one"), *SAMPLE)
+    run("torchrun", "launch/sample.py", "--weights", str(trained / "checkpoints" / "step_00000030_consolidated"),
+        "--out", str(tmp_path / "ep2"), "--ep", "2", *SAMPLE)
+    images, labels = samples(tmp_path / "one")
+    assert images.shape == (40, 8, 8, 1) and images.dtype == np.uint8
+    assert labels.tolist() == [i % 10 for i in range(40)]
+    ep2_images, ep2_labels = samples(tmp_path / "ep2")
+    assert np.array_equal(images, ep2_images) and np.array_equal(labels, ep2_labels)
+    summary = json.loads((tmp_path / "one" / "sampling.json").read_text())
+    assert summary["step"] == 30 and summary["num_samples"] == 40 and 0 < summary["c_avg"] < 4
+    assert f"inference C_avg {summary['c_avg']:.3f}" in one
+    assert (tmp_path / "one" / "grid.png").is_file()
+
+
+def test_a_sharded_checkpoint_is_refused_with_the_way_out(trained, tmp_path):
+    sharded = trained / "checkpoints" / "step_00000030"
+    output = run("launch/sample.py", "--weights", str(sharded), "--out", str(tmp_path), expected=2)
+    assert f"python launch/checkpoint.py export-ema {sharded}" in output
+
+
+def test_threshold_offset_search_keeps_the_best_offset(trained, tmp_path):
+    output = run("launch/sample.py", "--weights", str(trained / "ema.safetensors"), "--out", str(tmp_path), *SAMPLE,
+                 "--search-offsets=-0.2:0.2:3", "--search-samples", "30", "--digits")
+    scores = {float(offset): float(score) for offset, score in
+              re.findall(r"threshold offset ([-+0-9.]+): digit_fid ([0-9.]+)", output)}
+    assert sorted(scores) == [-0.2, 0.0, 0.2]
+    assert json.loads((tmp_path / "sampling.json").read_text())["threshold_offset"] == min(scores, key=scores.get)
+
+
+def write_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    np.savez(path, images, labels)
+    return path
+
+
+def real_digits_npz(path: Path) -> Path:
+    images, labels = load_digits_images()
+    pixels = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return write_npz(path, pixels, labels.numpy())
+
+
+def test_evaluate_scores_real_digits_as_real(tmp_path):
+    output = run("launch/evaluate.py", str(real_digits_npz(tmp_path / "real.npz")), "--digits")
+    scores = json.loads(output.strip().splitlines()[-1])
+    assert scores["num_images"] == 1797 and scores["digit_accuracy"] > 0.97 and scores["digit_fid"] < 5
+
+
+class StandInInception(torch.nn.Module):
+    """The interface of an Inception network file, with features anyone can recompute."""
+
+    def forward(self, images: torch.Tensor, return_features: bool = True) -> torch.Tensor:
+        means = images.float().mean(dim=(2, 3)) / 255
+        features = torch.cat([means, means.square()], dim=1)
+        return features if return_features else torch.softmax(4 * features, dim=1)
+
+
+def test_evaluate_computes_fid_and_inception_score_from_a_network_file(tmp_path):
+    network = tmp_path / "inception.pt"
+    torch.jit.script(StandInInception()).save(str(network))
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 256, (300, 16, 16, 3), dtype=np.uint8)
+    fake = (rng.integers(0, 200, (200, 16, 16, 3))).astype(np.uint8)
+    labels = np.zeros(len(fake), dtype=np.int64)
+    run("launch/evaluate.py", str(write_npz(tmp_path / "real.npz", real, labels[:1])), "--inception", str(network),
+        "--write-reference", str(tmp_path / "ref.npz"))
+    output = run("launch/evaluate.py", str(write_npz(tmp_path / "fake.npz", fake, labels)), "--inception",
+                 str(network), "--reference", str(tmp_path / "ref.npz"))
+    scores = json.loads(output.strip().splitlines()[-1])
+    net = StandInInception()
+    features = {name: net(torch.from_numpy(x).permute(0, 3, 1, 2)).double().numpy() for name, x in
+                (("real", real), ("fake", fake))}
+    expected_fid = frechet_distance(*feature_statistics(features["fake"]), *feature_statistics(features["real"]))
+    probabilities = net(torch.from_numpy(fake).permute(0, 3, 1, 2), return_features=False).double().numpy()
+    assert scores["fid"] == pytest.approx(expected_fid, rel=1e-6) and scores["fid"] > 0
+    assert scores["inception_score"] == pytest.approx(inception_score(probabilities), rel=1e-6)
