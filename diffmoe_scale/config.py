@@ -121,6 +121,10 @@ class ParallelConfig:
 @dataclass
 class LoggingConfig:
     every_steps: int = 10
+    wandb: bool = False  # also log to Weights & Biases (rank 0); the run id survives resumes
+    wandb_project: str = "diffmoe_scale"
+    wandb_entity: Optional[str] = None
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline needs no network: `wandb sync` later
 
 
 @dataclass

@@ -106,3 +106,27 @@ def test_missing_latents_are_a_config_error_before_training(tmp_path):
     assert result.returncode == 2
     assert "config error" in result.stderr and "data.path: /nonexistent holds no readable index.json" in result.stderr
     assert "launch/extract_latents.py" in result.stderr
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_holds_the_metrics_and_keeps_its_id_across_a_resume(tmp_path):
+    from tests.helpers import wandb_records
+
+    common = ["--config", "configs/digits_diffmoe_e4_flow.yaml", "--set", "logging.wandb=true",
+              "--set", "logging.every_steps=5", "--set", "checkpoint.every_steps=10", "--set", f"train.out_dir={tmp_path}",
+              "--set", "train.global_batch_size=32", "--set", "sample.steps=2", "--set", "sample.per_class=1"]
+    for steps in (10, 20):
+        result = run_cli(*common, "--set", f"train.max_steps={steps}")
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({run.name.rsplit("-", 1)[1] for run in runs}) == 1  # one id, two starts
+    histories = [[r.history for r in wandb_records(next(run.glob("run-*.wandb"))) if r.HasField("history")]
+                 for run in runs]
+    assert [[h.step.num for h in history] for history in histories] == [[5, 10], [15, 20]]
+    items = [(item.key or "/".join(item.nested_key), item.value_json)
+             for history in histories for h in history for item in h.item]
+    keys = {key for key, _ in items}
+    assert {"loss", "predictor_loss", "grad_norm", "lr", "c_avg", "images_per_s", "tokens_per_s", "peak_memory_mb",
+            "capacity/layer0/expert0", "capacity/layer2/expert3"} <= keys
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [float(value) for key, value in items if key == "loss"] == losses

@@ -27,8 +27,11 @@ def _parse(line: str) -> dict | None:
 
 
 class MetricsLog:
-    def __init__(self, path: Path, max_steps: int, enabled: bool, start_step: int = 0):
+    """Records to metrics.jsonl (and to W&B when given a run), with a progress line, on rank 0."""
+
+    def __init__(self, path: Path, max_steps: int, enabled: bool, start_step: int = 0, wandb_run=None):
         self.path = path
+        self.wandb_run = wandb_run
         self.max_steps = max_steps
         self.enabled = enabled
         self.start = time.perf_counter()
@@ -40,6 +43,8 @@ class MetricsLog:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.wandb_run:
+            self.wandb_run.log(record)
         step = record["step"]
         elapsed = time.perf_counter() - self.start
         eta = elapsed / max(step - self.start_step, 1) * (self.max_steps - step)
@@ -53,3 +58,5 @@ class MetricsLog:
     def close(self) -> None:
         if self.file:
             self.file.close()
+        if self.wandb_run:
+            self.wandb_run.close()

@@ -27,6 +27,7 @@ from .ema import EMA
 from .images import save_grid
 from .metrics import MetricsLog, keep_metrics_until
 from .stop import StopRequest
+from .wandb_run import WandbRun
 
 def loss_weights(config: Config) -> dict[str, float]:
     """Weight of each loss term the model and objective return; anything else weighs 1."""
@@ -185,7 +186,9 @@ class Trainer:
     def run_steps(self) -> int:
         """Trains until train.max_steps or a stop request; returns the stop's exit code (0: none)."""
         config, every = self.config, self.config.checkpoint.every_steps
-        log = MetricsLog(self.out_dir / "metrics.jsonl", config.train.max_steps, self.runtime.is_main, self.step)
+        is_main = self.runtime.is_main
+        wandb_run = WandbRun(config, self.run_id, self.out_dir) if config.logging.wandb and is_main else None
+        log = MetricsLog(self.out_dir / "metrics.jsonl", config.train.max_steps, is_main, self.step, wandb_run)
         try:
             window_start, window_steps = time.perf_counter(), 0
             while self.step < config.train.max_steps:
