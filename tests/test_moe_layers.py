@@ -629,3 +629,20 @@ def test_gradients_are_bit_reproducible_with_several_threads():
         (out * upstream).sum().backward()
         grads.append(x.grad.clone())
     assert all(torch.equal(grad, grads[0]) for grad in grads)
+
+
+def test_capacity_by_condition_counts_experts_per_token_by_noise_and_class():
+    from diffmoe_scale.train.capacity import CapacityByCondition
+
+    config = load_config("configs/digits_token_choice_e4_flow.yaml", ["moe.top_k=2", "moe.capacity_factor=0"])
+    model = build_model(config).train()
+    images, labels = torch.randn(6, 1, 8, 8), torch.tensor([0, 0, 3, 3, 3, 9])
+    noise_level = torch.tensor([0.05, 0.15, 0.15, 0.95, 1.0, 0.5])
+    model(images, 1 - noise_level, labels)
+    capacity = CapacityByCondition(num_classes=10)
+    capacity.add(model, noise_level, labels)
+    taken = capacity.take()
+    # Top-2 without a capacity limit: every token takes exactly two experts.
+    assert taken["capacity_by_noise"] == [2.0, 2.0, None, None, None, 2.0, None, None, None, 2.0]
+    assert taken["capacity_by_class"] == [2.0, None, None, 2.0, None, None, None, None, None, 2.0]
+    assert capacity.take()["capacity_by_noise"] == [None] * 10  # a new window

@@ -130,3 +130,23 @@ def test_wandb_offline_run_holds_the_metrics_and_keeps_its_id_across_a_resume(tm
             "capacity/layer0/expert0", "capacity/layer2/expert3"} <= keys
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [float(value) for key, value in items if key == "loss"] == losses
+
+
+@pytest.mark.slow
+def test_plot_draws_losses_and_capacities_from_a_run(trained, tmp_path):
+    records = read_metrics(trained)
+    assert len(records[-1]["capacity_by_noise"]) == 10 and len(records[-1]["capacity_by_class"]) == 10
+    assert all(value is None or 0 < value <= 4 for value in records[-1]["capacity_by_noise"])
+    result = subprocess.run([sys.executable, "launch/plot.py", str(trained), "--out", str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, env=clean_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    for name in ("loss.png", "capacity_heatmap.png", "capacity_by_condition.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG" and image.width > 300
+            assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 20  # drawn, not blank
+
+
+def test_plot_refuses_a_directory_without_metrics(tmp_path):
+    result = subprocess.run([sys.executable, "launch/plot.py", str(tmp_path)], cwd=REPO, capture_output=True,
+                            text=True, env=clean_env(), timeout=300)
+    assert result.returncode == 2 and "no metrics" in result.stderr

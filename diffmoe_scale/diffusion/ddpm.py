@@ -100,6 +100,10 @@ class DDPMObjective:
         step = torch.randint(0, len(self.schedule.betas), (shape[0],), generator=generator, device=generator.device)
         return noise, step
 
+    def noise_level(self, step: torch.Tensor) -> torch.Tensor:
+        """0 for data, 1 for pure noise: the step's position in the schedule."""
+        return (step.float() + 1) / len(self.schedule.betas)
+
     def training_losses(self, model, x, y, noise, step):
         schedule, channels = self.schedule, x.shape[1]
         xt = schedule.q_sample(x, step, noise)

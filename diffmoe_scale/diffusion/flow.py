@@ -17,6 +17,10 @@ class FlowObjective:
         noise = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
         return noise, torch.rand(shape[0], generator=generator, device=generator.device, dtype=dtype)
 
+    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
+        """0 for data, 1 for pure noise: the input is t * data + (1 - t) * noise."""
+        return 1 - t.float()
+
     def training_losses(self, model, x, y, noise, t):
         t_ = t.view(-1, *[1] * (x.dim() - 1))
         out, aux_losses = model(t_ * x + (1 - t_) * noise, t, y)

@@ -133,6 +133,13 @@ class RoutedFFN(nn.Module):
             out = out + self.shared_ffn(x)[0]
         return out
 
+    def experts_per_token(self, local_tokens: int) -> torch.Tensor:
+        """[local_tokens]: how many experts took each of this rank's tokens in the last forward (the pool
+        holds the dispatch group's tokens in rank order)."""
+        counts = torch.bincount(self.last_pairs[1], minlength=self.last_num_tokens)
+        start = self.dispatch.rank * local_tokens
+        return counts[start:start + local_tokens]
+
     def capacity_per_expert(self):
         """C^e = E * tokens taken by expert e / N (N: tokens in the pool), from the last forward."""
         return self.num_experts * self.last_tokens_per_expert.float() / self.last_num_tokens

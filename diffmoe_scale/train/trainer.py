@@ -20,6 +20,7 @@ from ..parallel.groups import setup_groups
 from ..parallel.parallelize import parallelize
 from ..parallel.runtime import Runtime
 from ..parallel.sampling import sample_distributed
+from .capacity import CapacityByCondition
 from .checkpoint import (CONSOLIDATED_FILE, MANIFEST, SHARDED, atomic_torch_save, atomic_write_text, capture_rng,
                          code_version, config_changes, find_resumable, layout_mismatch, list_checkpoints, prune,
                          publish, rank_state_name, restore_rng, tag_for, verify)
@@ -91,6 +92,7 @@ class Trainer:
         self.run_id = broadcast_object(uuid.uuid4().hex[:12] if runtime.is_main else None)  # kept on resume
         self.weights = loss_weights(config)
         self.rows_sent_logged = 0  # all-to-all rows sent to other ranks up to the last metrics record
+        self.capacity_by_condition = CapacityByCondition(config.model.num_classes)
         self.tokens_per_image = (config.model.input_size // config.model.patch_size) ** 2
 
     def build_parallel_model(self):
@@ -136,8 +138,9 @@ class Trainer:
 
     def forward_backward(self, images, labels, draws: dict) -> dict[str, torch.Tensor]:
         """One micro-batch forward and backward; returns its (unweighted) losses."""
-        labels = torch.where(draws["drop"], torch.full_like(labels, self.config.model.num_classes), labels)
-        losses = self.objective.training_losses(self.engine, images, labels, draws["noise"], draws["t"])
+        conditioning = torch.where(draws["drop"], torch.full_like(labels, self.config.model.num_classes), labels)
+        losses = self.objective.training_losses(self.engine, images, conditioning, draws["noise"], draws["t"])
+        self.capacity_by_condition.add(self.model, self.objective.noise_level(draws["t"]), labels)
         total = sum(self.weights.get(name, 1.0) * value for name, value in losses.items())
         self.engine.backward(total)
         return losses
@@ -350,6 +353,7 @@ class Trainer:
             "tokens_per_s": images_per_s * self.tokens_per_image,
             "peak_memory_mb": peak_memory_mb(self.runtime.device),
             "all_to_all_mb": a2a_bytes / window_steps / 2**20,  # this rank to the others, per step
+            **self.capacity_by_condition.take(),
         }
 
     def sample_images(self, labels: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, float | None]:

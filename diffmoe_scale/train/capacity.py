@@ -1,0 +1,39 @@
+"""Capacity by condition: how many experts the tokens of a sample take, averaged over the MoE layers,
+by noise level and by class over a logging window (DiffMoE's dynamic capacity: noisier inputs and
+harder classes may take more)."""
+import torch
+import torch.distributed as dist
+
+NOISE_BINS = 10  # noise levels [0, 0.1), ..., [0.9, 1]: 0 is data, 1 pure noise
+
+
+class CapacityByCondition:
+    def __init__(self, num_classes: int):
+        self.sums = torch.zeros(NOISE_BINS + num_classes, dtype=torch.float64)
+        self.counts = torch.zeros_like(self.sums)
+
+    @torch.no_grad()
+    def add(self, model, noise_level: torch.Tensor, labels: torch.Tensor) -> None:
+        """Record the last forward of this rank's samples (`labels`: their classes, before label dropout)."""
+        layers = model.moe_layers()
+        if not layers:
+            return
+        batch = len(labels)
+        per_sample = torch.stack([
+            layer.experts_per_token(layer.last_num_tokens // layer.dispatch.size).view(batch, -1).double().mean(dim=1)
+            for layer in layers]).mean(dim=0).cpu()
+        noise_bin = (noise_level.double().cpu() * NOISE_BINS).long().clamp(0, NOISE_BINS - 1)
+        bins = torch.cat([noise_bin, NOISE_BINS + labels.cpu()])
+        self.sums.index_add_(0, bins, per_sample.repeat(2))
+        self.counts.index_add_(0, bins, torch.ones(2 * batch, dtype=torch.float64))
+
+    def take(self) -> dict[str, list]:
+        """The window's means over every rank (None where a bin saw no sample); starts a new window.
+        Collective."""
+        totals = torch.stack([self.sums, self.counts])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(totals)
+        means = [s / c if c else None for s, c in zip(totals[0].tolist(), totals[1].tolist())]
+        self.sums.zero_()
+        self.counts.zero_()
+        return {"capacity_by_noise": means[:NOISE_BINS], "capacity_by_class": means[NOISE_BINS:]}
