@@ -15,8 +15,9 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python pretrain_diffmoe.py --config configs/digits_diffmoe_e4_flow.yaml "
         "--set train.max_steps=200 --set train.out_dir=runs/try\n\n"
-        "exit status: 0 done; 2 bad config or checkpoint that cannot resume; 75 stopped by SIGTERM or SIGUSR1\n"
-        "after saving a checkpoint (requeue: the same command resumes); 130 stopped by Ctrl-C after saving",
+        "exit status: 0 done; 2 bad config or checkpoint that cannot resume; 3 stopped after\n"
+        "train.max_nonfinite_steps NaN/Inf steps in a row (saved); 75 stopped by SIGTERM or SIGUSR1 after saving\n"
+        "a checkpoint (requeue: the same command resumes); 130 stopped by Ctrl-C after saving",
     )
     parser.add_argument("--config", required=True, help="YAML config file (see configs/ and README's config reference)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

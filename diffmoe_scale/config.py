@@ -107,6 +107,7 @@ class TrainConfig:
     seed: int = 0
     ema_decay: float = 0.9999
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    max_nonfinite_steps: int = 5  # NaN/Inf steps in a row (each skipped) before the run saves and stops
 
 
 @dataclass
@@ -337,6 +338,7 @@ def _resolve_and_validate(config: Config, source: str) -> None:
     require(train.max_steps >= 1, "train.max_steps", "must be at least 1")
     require(train.global_batch_size >= 1, "train.global_batch_size", "must be at least 1")
     require(train.grad_accum_steps >= 1, "train.grad_accum_steps", "must be at least 1")
+    require(train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be at least 1")
     require(0.0 <= train.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
     require(optim.lr > 0, "optim.lr", "must be positive")
     require(all(0 <= b < 1 for b in optim.betas), "optim.betas", "each must be in [0, 1)")

@@ -298,6 +298,8 @@ BAD_CASES = [
     case("grad-accum-zero", DIGITS_BASE + "train:\n  grad_accum_steps: 0\n", "train.grad_accum_steps: must be at least 1"),
     case("checkpoint-every-zero", DIGITS_BASE + "parallel:\n  activation_checkpointing_every: 0\n",
          "parallel.activation_checkpointing_every: must be at least 1"),
+    case("nonfinite-zero", DIGITS_BASE + "train:\n  max_nonfinite_steps: 0\n",
+         "train.max_nonfinite_steps: must be at least 1"),
     case("keep-last-zero", DIGITS_BASE + "checkpoint:\n  keep_last: 0\n", "checkpoint.keep_last: must be at least 1"),
     case("checkpoint-negative", DIGITS_BASE + "checkpoint:\n  every_steps: -5\n", "checkpoint.every_steps: must be >= 0"),
     case("keep-every-negative", DIGITS_BASE + "checkpoint:\n  keep_every: -1\n", "checkpoint.keep_every: must be >= 0"),

@@ -1,5 +1,6 @@
 """The trainer end to end: every FFN kind learns on digits; the README command writes its outputs."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from diffmoe_scale.config import load_config
@@ -150,3 +152,49 @@ def test_plot_refuses_a_directory_without_metrics(tmp_path):
     result = subprocess.run([sys.executable, "launch/plot.py", str(tmp_path)], cwd=REPO, capture_output=True,
                             text=True, env=clean_env(), timeout=300)
     assert result.returncode == 2 and "no metrics" in result.stderr
+
+
+def poison_steps(trainer, bad_steps: set) -> None:
+    """Make the diffusion loss NaN in the steps numbered `bad_steps` (1-based, as logged)."""
+    training_losses = trainer.objective.training_losses
+
+    def losses(*args):
+        result = training_losses(*args)
+        if trainer.step + 1 in bad_steps:
+            result["diffusion"] = result["diffusion"] * float("nan")
+        return result
+
+    trainer.objective.training_losses = losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 1], ids=["own-clipping", "deepspeed-zero1"])
+def test_nan_steps_are_skipped_and_a_streak_saves_and_stops(zero_stage, runtime, tmp_path):
+    from diffmoe_scale.train.trainer import EXIT_UNHEALTHY, Trainer
+
+    config = load_config(REPO / "configs/digits_diffmoe_e4_flow.yaml", [
+        "train.max_steps=30", "logging.every_steps=1", f"train.out_dir={tmp_path}", "train.global_batch_size=32",
+        f"parallel.zero_stage={zero_stage}", "train.max_nonfinite_steps=3", "checkpoint.every_steps=0"])
+    trainer = Trainer(config, runtime)
+    poison_steps(trainer, {4, 5} | set(range(10, 31)))
+    snapshots = {}  # after steps 3, 5 and 9: NaN steps 4 and 5 must change nothing, steps 6 to 9 must
+    train_step = trainer.train_step
+
+    def train_step_with_snapshots():
+        if trainer.step in (3, 5, 9):
+            snapshots[trainer.step] = [t.detach().clone() for t in (*trainer.model.parameters(),
+                                                                   *trainer.model.buffers(),
+                                                                   *trainer.ema.model.parameters())]
+        return train_step()
+
+    trainer.train_step = train_step_with_snapshots
+    assert trainer.train() == EXIT_UNHEALTHY
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[3], snapshots[5], strict=True))
+    records = {r["step"]: r for r in read_metrics(tmp_path)}
+    assert sorted(records) == list(range(1, 12))  # the third NaN step in a row (12) stops the run before logging
+    assert [records[s]["skipped_steps"] for s in (3, 4, 5, 9, 11)] == [0, 1, 2, 2, 4]
+    assert all(math.isfinite(records[s]["loss"]) for s in (6, 7, 8, 9))
+    assert not torch.equal(snapshots[5][0], snapshots[9][0])  # healthy steps after the skips were applied
+    assert (tmp_path / "checkpoints" / "step_00000012" / "manifest.json").is_file()
+    assert trainer.skipped_steps == 5 and trainer.nonfinite_in_a_row == 3
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())

@@ -1,4 +1,5 @@
 """The training loop: DeepSpeed engine, EMA, metrics, end-of-run sample grid, clean Ctrl-C."""
+import math
 import resource
 import shutil
 import time
@@ -29,6 +30,8 @@ from .images import save_grid
 from .metrics import MetricsLog, keep_metrics_until
 from .stop import StopRequest
 from .wandb_run import WandbRun
+
+EXIT_UNHEALTHY = 3  # stopped after train.max_nonfinite_steps NaN/Inf steps in a row (not to be requeued)
 
 def loss_weights(config: Config) -> dict[str, float]:
     """Weight of each loss term the model and objective return; anything else weighs 1."""
@@ -88,6 +91,8 @@ class Trainer:
         # Noise, timesteps and label dropout: drawn for the whole global batch (see next_rank_batch).
         self.generator = torch.Generator(device=runtime.device).manual_seed(config.train.seed * 1000 + 1)
         self.step = 0
+        self.skipped_steps = 0  # steps whose gradients held NaN/Inf: not applied
+        self.nonfinite_in_a_row = 0
         self.saved_step = None  # step of the newest checkpoint this process wrote or resumed from
         self.run_id = broadcast_object(uuid.uuid4().hex[:12] if runtime.is_main else None)  # kept on resume
         self.weights = loss_weights(config)
@@ -161,13 +166,24 @@ class Trainer:
             quantiles = quantiles + take_pending_quantiles(self.model)
             if i == accum - 1 and not clips_in_engine(config):
                 grad_norm = clip_grad_norm_(self.model, config.optim.grad_clip, self.groups)
+                if not math.isfinite(grad_norm):
+                    self.model.zero_grad(set_to_none=True)  # the optimizer then leaves every parameter as it is
             self.engine.step()  # DeepSpeed steps the optimizer after the last micro-batch only
         if grad_norm is None:
-            grad_norm = self.engine.get_global_grad_norm()
-        apply_threshold_quantiles(self.model, quantiles / accum)
-        self.ema.update(self.model)
+            grad_norm = self.engine.get_global_grad_norm()  # inf where DeepSpeed skipped the step for NaN/Inf
+        grad_norm = float(grad_norm)
         self.step += 1
-        return losses, float(grad_norm)
+        if math.isfinite(grad_norm):
+            apply_threshold_quantiles(self.model, quantiles / accum)
+            self.ema.update(self.model)
+            self.nonfinite_in_a_row = 0
+        else:
+            self.skipped_steps += 1
+            self.nonfinite_in_a_row += 1
+            if self.runtime.is_main:
+                print(f"step {self.step}: NaN/Inf gradients (loss {losses['diffusion'].item():.4g} on rank 0), step "
+                      f"skipped ({self.nonfinite_in_a_row} in a row, {self.skipped_steps} in all)", flush=True)
+        return losses, grad_norm
 
     def train(self, resume: str = "auto") -> int:
         """Resumes as `resume` says (see `resume`), runs to train.max_steps; returns the exit code."""
@@ -177,7 +193,7 @@ class Trainer:
             exit_code = self.run_steps()
             self.save_checkpoint()  # the end of the run, or what a stop must not lose
             if exit_code:
-                if self.runtime.is_main:
+                if self.runtime.is_main and exit_code != EXIT_UNHEALTHY:
                     print(f"stopped at step {self.step}; the same command resumes from "
                           f"{self.config.checkpoint_dir}", flush=True)
                 return exit_code
@@ -199,6 +215,13 @@ class Trainer:
                 if exit_code:
                     return exit_code
                 losses, grad_norm = self.train_step()
+                if self.nonfinite_in_a_row >= config.train.max_nonfinite_steps:
+                    if self.runtime.is_main:
+                        print(f"stopping: {self.nonfinite_in_a_row} steps in a row had NaN/Inf gradients (limit "
+                              f"train.max_nonfinite_steps); none of them was applied, so the checkpoint now saved "
+                              f"holds the last healthy weights. Lower optim.lr or set optim.grad_clip, then resume",
+                              flush=True)
+                    return EXIT_UNHEALTHY
                 window_steps += 1
                 if self.step % config.logging.every_steps == 0 or self.step == config.train.max_steps:
                     elapsed = time.perf_counter() - window_start
@@ -232,8 +255,7 @@ class Trainer:
             shutil.rmtree(path)  # an unfinished save of this step, or one of a branch resumed before it
         barrier()
         self.engine.save_checkpoint(str(root), tag=path.name, save_latest=False)
-        atomic_torch_save({"step": self.step, "rng": capture_rng(), "generator": self.generator.get_state(),
-                           "sampler": self.sampler.state_dict(), "ema": self.ema.state_dict()},
+        atomic_torch_save({**self.trainer_state(), "rng": capture_rng(), "ema": self.ema.state_dict()},
                           path / rank_state_name(self.runtime.rank))
         barrier()
         manifest = publish(path, self.checkpoint_meta(SHARDED))
@@ -296,10 +318,16 @@ class Trainer:
         restore_rng(state["rng"])
         self.load_trainer_state(state)
 
+    def trainer_state(self) -> dict:
+        """The layout-independent position: step, data position, the draws' generator, skipped steps."""
+        return {"step": self.step, "sampler": self.sampler.state_dict(), "generator": self.generator.get_state(),
+                "skipped_steps": self.skipped_steps, "nonfinite_in_a_row": self.nonfinite_in_a_row}
+
     def load_trainer_state(self, state: dict) -> None:
-        """The layout-independent position: step, data position and the draws' generator. The config's
-        optimizer settings win over the checkpoint's (a changed lr or warmup applies from here)."""
+        """See `trainer_state`. The config's optimizer settings win over the checkpoint's (a changed lr
+        or warmup applies from here)."""
         self.step = state["step"]
+        self.skipped_steps, self.nonfinite_in_a_row = state["skipped_steps"], state["nonfinite_in_a_row"]
         self.sampler.load_state_dict(state["sampler"])
         self.generator.set_state(state["generator"])
         optim = self.config.optim
@@ -315,8 +343,7 @@ class Trainer:
             "buffers": persistent_buffers(self.model),
             "ema": {**full_state(self.ema.model, self.groups), **persistent_buffers(self.ema.model)},
             "lr_scheduler": self.scheduler.state_dict(),
-            "trainer": {"step": self.step, "sampler": self.sampler.state_dict(),
-                        "generator": self.generator.get_state()},
+            "trainer": self.trainer_state(),
         }
 
     @torch.no_grad()
@@ -353,6 +380,7 @@ class Trainer:
             "tokens_per_s": images_per_s * self.tokens_per_image,
             "peak_memory_mb": peak_memory_mb(self.runtime.device),
             "all_to_all_mb": a2a_bytes / window_steps / 2**20,  # this rank to the others, per step
+            "skipped_steps": self.skipped_steps,
             **self.capacity_by_condition.take(),
         }
 
