@@ -124,3 +124,23 @@ def test_trainer_learns_from_extracted_latents(latents_dir, tmp_path):
     losses = [record["loss"] for record in read_metrics(tmp_path)]
     assert len(losses) == 40 and all(np.isfinite(losses))
     assert sum(losses[-10:]) < 0.8 * sum(losses[:10])
+
+
+def test_sampler_resumes_exactly_and_ranks_split_the_global_batch():
+    from diffmoe_scale.data import ShuffledBatchSampler
+
+    straight = ShuffledBatchSampler(100, 12, seed=3)
+    batches = [straight.next_indices() for _ in range(20)]  # 8 batches per epoch: crosses two epochs
+    resumed = ShuffledBatchSampler(100, 12, seed=3)
+    interrupted = ShuffledBatchSampler(100, 12, seed=3)
+    for _ in range(11):
+        interrupted.next_indices()
+    resumed.load_state_dict(interrupted.state_dict())
+    for indices, flips in batches[11:]:
+        again = resumed.next_indices()
+        assert torch.equal(again[0], indices) and torch.equal(again[1], flips)
+    ranks = [ShuffledBatchSampler(100, 12, seed=3, rank=r, world_size=3) for r in range(3)]
+    for indices, flips in batches[:3]:
+        parts = [sampler.next_indices() for sampler in ranks]
+        assert torch.equal(torch.cat([p[0] for p in parts]), indices)
+        assert torch.equal(torch.cat([p[1] for p in parts]), flips)

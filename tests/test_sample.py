@@ -110,3 +110,17 @@ def test_evaluate_computes_fid_and_inception_score_from_a_network_file(tmp_path)
     probabilities = net(torch.from_numpy(fake).permute(0, 3, 1, 2), return_features=False).double().numpy()
     assert scores["fid"] == pytest.approx(expected_fid, rel=1e-6) and scores["fid"] > 0
     assert scores["inception_score"] == pytest.approx(inception_score(probabilities), rel=1e-6)
+
+
+def test_ddpm_checkpoint_samples_with_ancestral_and_ddim(tmp_path):
+    run("pretrain_diffmoe.py", "--config", "configs/digits_diffmoe_e4_ddpm.yaml", "--set", "train.max_steps=10",
+        "--set", "train.global_batch_size=32", "--set", f"train.out_dir={tmp_path}", "--set", "sample.steps=2",
+        "--set", "sample.per_class=1")
+    weights = tmp_path / "ema.safetensors"
+    run("launch/checkpoint.py", "export-ema", str(tmp_path / "checkpoints" / "step_00000010"), "--out", str(weights))
+    for sampler in ("ancestral", "ddim"):
+        run("launch/sample.py", "--weights", str(weights), "--out", str(tmp_path / sampler), "--num-samples", "20",
+            "--steps", "4", "--sampler", sampler)
+        images, labels = samples(tmp_path / sampler)
+        assert images.shape == (20, 8, 8, 1) and len(set(images.ravel().tolist())) > 10
+        assert json.loads((tmp_path / sampler / "sampling.json").read_text())["sampler"] == sampler
