@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from diffmoe_scale.cli import docstring_parser  # noqa: E402
 from diffmoe_scale.config import ConfigError, config_from_dict  # noqa: E402
 from diffmoe_scale.train.checkpoint import (CONSOLIDATED, CONSOLIDATED_FILE, MANIFEST, SHARDED,  # noqa: E402
                                             atomic_torch_save, describe_layout, list_checkpoints, publish,
@@ -121,9 +122,7 @@ def export_ema(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n", 2)[2])
+    parser = docstring_parser(__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     command = commands.add_parser("inspect", help="summarise and verify a checkpoint or every one in a directory")
     command.add_argument("path")

@@ -10,7 +10,6 @@ inception-2015-12-05.pt (clusters have no network: copy it next to the data); --
 statistics with arrays mu and sigma (ADM's reference batches have them). Prints one readable line
 and one JSON line.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from diffmoe_scale.cli import docstring_parser  # noqa: E402
 from diffmoe_scale.eval.evaluators import DigitsEvaluator, InceptionEvaluator  # noqa: E402
 from diffmoe_scale.eval.fid import feature_statistics, save_statistics  # noqa: E402
 
@@ -29,8 +29,7 @@ def read_samples(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = docstring_parser(__doc__)
     parser.add_argument("samples", type=Path, help=".npz with arr_0 (uint8 NHWC images) and arr_1 (labels)")
     parser.add_argument("--digits", action="store_true", help="digit FID and class accuracy (8x8 digits)")
     parser.add_argument("--inception", type=Path, help="TorchScript Inception network (FID, IS)")

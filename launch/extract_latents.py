@@ -22,13 +22,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from diffmoe_scale.cli import docstring_parser  # noqa: E402
 from diffmoe_scale.data.extract import encode_shard, list_image_folder  # noqa: E402
 from diffmoe_scale.data.latents import INDEX, LABELS, shard_name  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = docstring_parser(__doc__)
     parser.add_argument("--images", required=True, type=Path, help="ImageFolder root: one directory per class")
     parser.add_argument("--out", required=True, type=Path, help="output directory (created; reruns resume in it)")
     parser.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="AutoencoderKL: hub name or local dir")

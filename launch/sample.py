@@ -24,13 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from diffmoe_scale.cli import docstring_parser  # noqa: E402
 from diffmoe_scale.config import Config, ConfigError, config_from_dict  # noqa: E402
 from diffmoe_scale.train.checkpoint import read_ema_weights  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = docstring_parser(__doc__)
     parser.add_argument("--weights", required=True, type=Path, help="exported EMA .safetensors or consolidated checkpoint")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--num-samples", type=int, default=50000)
