@@ -6,8 +6,9 @@
   python launch/sample.py --weights ema.safetensors --out s/ --digits --search-offsets=-0.1:0.1:5
 
 --weights is what `launch/checkpoint.py export-ema` writes, or a consolidated checkpoint. Labels
-cycle through the classes; the noise of sample i depends only on --seed and i, so the result does
-not depend on the number of ranks. Writes samples.npz (ADM's layout: arr_0 uint8 [N, H, W, C],
+cycle through the classes; the starting noise of sample i depends only on --seed and i, so the
+deterministic samplers (euler, heun, ddim) give the same images on any number of ranks (DDPM's
+ancestral sampler also draws fresh noise at every step, per rank). Writes samples.npz (ADM's layout: arr_0 uint8 [N, H, W, C],
 arr_1 labels) and grid.png, and reports the inference C_avg. DiffMoE routes by its learned
 thresholds; --threshold-offset adds a constant to all of them, and --search-offsets A:B:N first
 samples --search-samples images at N offsets from A to B, scores them (--digits, or --inception with
