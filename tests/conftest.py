@@ -50,9 +50,9 @@ def run_python(*args: str) -> None:
 def trained(tmp_path_factory) -> Path:
     """A short digits run, its final checkpoint consolidated and its EMA exported to ema.safetensors."""
     out = tmp_path_factory.mktemp("run")
-    run_python("pretrain_diffmoe.py", "--config", "configs/digits_diffmoe_e4_flow.yaml", "--set", "train.max_steps=30",
-        "--set", "train.global_batch_size=32", "--set", f"train.out_dir={out}", "--set", "sample.steps=2",
-        "--set", "sample.per_class=1")
-    run_python("launch/checkpoint.py", "export-ema", str(out / "checkpoints" / "step_00000030"), "--out",
-        str(out / "ema.safetensors"))
+    run_python("pretrain_diffmoe.py", "--config", "configs/digits_diffmoe_e4_flow.yaml",
+               "--set", "train.max_steps=30", "--set", "train.global_batch_size=32", "--set", f"train.out_dir={out}",
+               "--set", "sample.steps=2", "--set", "sample.per_class=1")
+    run_python("launch/checkpoint.py", "export-ema", str(out / "checkpoints" / "step_00000030"),
+               "--out", str(out / "ema.safetensors"))
     return out
