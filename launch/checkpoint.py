@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffmoe_scale.cli import docstring_parser  # noqa: E402
 from diffmoe_scale.config import ConfigError, config_from_dict  # noqa: E402
 from diffmoe_scale.train.checkpoint import (CONSOLIDATED, CONSOLIDATED_FILE, MANIFEST, SHARDED,  # noqa: E402
-                                            atomic_torch_save, describe_layout, list_checkpoints, publish,
+                                            atomic_torch_save, consolidated_twin, describe_layout,
+                                            list_checkpoints, publish,
                                             read_ema_weights, read_manifest, verify)
 
 
@@ -66,7 +67,7 @@ def consolidate(args) -> int:
     if manifest["kind"] == CONSOLIDATED:
         print(f"{path} is consolidated already")
         return 0
-    out = Path(args.out) if args.out else path.with_name(path.name + "_consolidated")
+    out = Path(args.out) if args.out else consolidated_twin(path)
     if "RANK" in os.environ:
         return consolidate_on_this_rank(path, manifest, out)
     world = manifest["layout"]["world_size"]
@@ -109,7 +110,7 @@ def export_ema(args) -> int:
     if problem:
         return fail(f"{path}: {problem}")
     if manifest["kind"] == SHARDED:
-        consolidated = path.with_name(path.name + "_consolidated")
+        consolidated = consolidated_twin(path)
         if read_manifest(consolidated) is None and consolidate(argparse.Namespace(path=str(path), out=None)):
             return fail(f"{path}: could not consolidate it")
         path, manifest = consolidated, read_manifest(consolidated)

@@ -2,7 +2,8 @@
 by noise level and by class over a logging window (DiffMoE's dynamic capacity: noisier inputs and
 harder classes may take more)."""
 import torch
-import torch.distributed as dist
+
+from ..parallel.collectives import average_over_ranks
 
 NOISE_BINS = 10  # noise levels [0, 0.1), ..., [0.9, 1]: 0 is data, 1 pure noise
 
@@ -30,9 +31,8 @@ class CapacityByCondition:
     def take(self) -> dict[str, list]:
         """The window's means over every rank (None where a bin saw no sample); starts a new window.
         Collective."""
-        totals = torch.stack([self.sums, self.counts])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(totals)
+        # Averaging sums and counts over the ranks leaves their ratio that of the totals.
+        totals = average_over_ranks(torch.stack([self.sums, self.counts]))
         means = [s / c if c else None for s, c in zip(totals[0].tolist(), totals[1].tolist())]
         self.sums.zero_()
         self.counts.zero_()

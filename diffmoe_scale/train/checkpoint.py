@@ -44,6 +44,11 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def consolidated_twin(checkpoint: Path) -> Path:
+    """Where `launch/checkpoint.py consolidate` writes a sharded checkpoint's consolidated copy."""
+    return checkpoint.with_name(checkpoint.name + "_consolidated")
+
+
 def rank_state_name(rank: int) -> str:
     return f"trainer_rank_{rank:05d}.pt"
 
@@ -163,8 +168,7 @@ def find_resumable(root: Path, layout: dict) -> tuple[Path, dict] | None:
             continue
         if manifest["kind"] == CONSOLIDATED or manifest["layout"] == layout:
             return path, manifest
-        twin = path.with_name(path.name + "_consolidated")
-        if twin not in candidates:
+        if consolidated_twin(path) not in candidates:
             raise ConfigError(layout_mismatch(path, manifest["layout"], layout))
     return None
 
