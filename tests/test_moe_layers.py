@@ -267,6 +267,35 @@ def test_predictor_loss_does_not_reach_dit_backbone():
             assert g is None or torch.count_nonzero(g) == 0, f"predictor loss reaches {name}"
 
 
+def test_checkpointed_blocks_route_once_per_step(monkeypatch):
+    """Activation checkpointing recomputes each block's forward in backward. The recomputation replays
+    the forward's routing (top-C, dispatch plan, threshold quantile, statistics) instead of deciding
+    again, and the gradients are exactly those of the plain run."""
+    from diffmoe_scale.parallel.parallelize import apply_activation_checkpointing
+
+    decided = []
+    decide = DiffMoELayer.decide_top_c
+    monkeypatch.setattr(DiffMoELayer, "decide_top_c", lambda layer, *args: decided.append(layer) or decide(layer, *args))
+    config = load_config(DIGITS_CONFIG)
+    x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), torch.tensor([0, 3, 7, 10])
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_model(config).train()
+        for p in model.parameters():  # away from adaLN-Zero's all-zero start, so every path is live
+            torch.nn.init.normal_(p, std=0.05)
+        if checkpointing:
+            apply_activation_checkpointing(model, every=1)
+        decided.clear()
+        out, losses = model(x, t, y)
+        (out.square().mean() + losses["predictor"]).backward()
+        assert decided == model.moe_layers(), "each MoE layer decides its routing exactly once per step"
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
+
+
 # --------------------------------------------------------------------------------------------
 # 5. Dynamic thresholds
 

@@ -146,11 +146,14 @@ def test_tp2_with_ep2_and_zero1(reference, tmp_path):
     assert_same_training(ours, reference, grads=False)
 
 
-def test_all_to_all_moves_exactly_the_routed_tokens(reference, tmp_path):
+@pytest.mark.parametrize("checkpointing,passes", [(False, 2), (True, 3)], ids=["plain", "checkpointed"])
+def test_all_to_all_moves_exactly_the_routed_tokens(reference, tmp_path, checkpointing, passes):
     """Rows each rank sends to each peer in step 1 (out and back) equal the count derived from the
-    routing mask: each (token, expert) pair once per direction, no padding to capacity."""
+    routing mask: each (token, expert) pair once per direction and pass, no padding to capacity.
+    The passes: forward and backward, plus the recomputed forward under activation checkpointing."""
     ranks = 2
-    ours = run_worker(tmp_path, ranks, "parallel.ep=2", steps=1)
+    ours = run_worker(tmp_path, ranks, "parallel.ep=2", f"parallel.activation_checkpointing={checkpointing}",
+                      steps=1)
     experts_per_rank = 4 // ranks
     for layer, (mask, sent) in enumerate(zip(reference["masks"], ours["rows_sent"])):
         tokens_per_rank = len(mask) // ranks
@@ -159,9 +162,9 @@ def test_all_to_all_moves_exactly_the_routed_tokens(reference, tmp_path):
         pairs = torch.zeros(ranks, ranks, dtype=torch.long)  # [token's rank, expert's rank]
         for token, expert in mask.nonzero().tolist():
             pairs[owner[token], holder[expert]] += 1
-        expected = pairs + pairs.T  # tokens out to the expert's rank, results back to the token's rank
+        expected = passes * (pairs + pairs.T)  # tokens out to the expert's rank, results back to the token's rank
         assert torch.equal(sent, expected), f"MoE layer {layer}: sent {sent.tolist()}, expected {expected.tolist()}"
-        assert sent.sum() == 2 * mask.sum()
+        assert sent.sum() == 2 * passes * mask.sum()
 
 
 def test_deepspeed_checkpoint_writes_one_file_per_expert(reference, tmp_path):

@@ -9,16 +9,25 @@ process: its batch, as DiffMoE), "local" is each rank's own batch (the authors' 
 The capacity predictor sees the detached layer input and learns (BCE) the routing mask; per expert,
 a threshold tracks the C-th largest predictor probability of the pool by EMA. The forward only
 records that quantile (`pending_quantile`); `update_thresholds` applies it once per optimizer
-step, so a recomputed forward (activation checkpointing) cannot apply it twice. At inference the
-predictor and thresholds decide how many tokens each expert takes (see `inference_routing`).
+step. The training routing is decided once per forward; a forward recomputed by activation
+checkpointing replays it (see `routing_tape`). At inference the predictor and thresholds decide how
+many tokens each expert takes (see `inference_routing`).
 """
+from typing import Any, NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .experts import RoutedFFN, pairs_from_mask
+from . import routing_tape
+from .experts import RoutedFFN, Routing, routing_from_mask
 
 POOLS = ("ep_group", "local", "sample")
+
+
+class TopCDecision(NamedTuple):
+    plan: Any  # the dispatch's plan of the routing
+    predictor_target: torch.Tensor | None  # [N, E] this rank's rows of the routing mask
 
 
 class DiffMoELayer(RoutedFFN):
@@ -60,34 +69,49 @@ class DiffMoELayer(RoutedFFN):
         tokens = x.reshape(-1, dim)
         scores = self.router(tokens).softmax(dim=-1)  # [N, E]
         pool_size = self.pool_size(batch, seq)
+        if not self.training and self.inference_routing != "capacity":
+            routing = self.threshold_routing(tokens, scores, pool_size)
+            out = self.route(tokens, scores, routing, len(tokens) * self.dispatch.size)
+            return self.add_shared(x, out.view_as(x)), {}
+        use_predictor = self.training and self.predictor is not None
+        predictor_logits = self.predictor(tokens.detach()) if use_predictor else None
+        decision = routing_tape.replayed(self)  # set when activation checkpointing recomputes this forward
+        if decision is None:
+            decision = self.decide_top_c(scores, predictor_logits, pool_size)
+            routing_tape.record(self, decision)
         losses = {}
-        if self.training or self.inference_routing == "capacity":
-            use_predictor = self.training and self.predictor is not None
-            predictor_logits = self.predictor(tokens.detach()) if use_predictor else None
-            pooled = self._gather_routing_inputs(scores, predictor_logits)
-            k = self.tokens_per_expert(pool_size)
-            pool_scores = pooled[:, : self.num_experts]
-            token_idx, _ = top_c_per_expert(pool_scores.reshape(-1, pool_size, self.num_experts), k)  # [E, G*k]
-            pair_expert = torch.arange(self.num_experts, device=x.device).repeat_interleave(token_idx.shape[1])
-            pair_token, counts = token_idx.reshape(-1), [token_idx.shape[1]] * self.num_experts
-            if predictor_logits is not None:
-                pool_mask = torch.zeros_like(pool_scores).scatter_(0, token_idx.T, 1.0)  # [pool, E]
-                own_rows = pool_mask[self.dispatch.rank * len(tokens) : (self.dispatch.rank + 1) * len(tokens)]
-                target = own_rows.to(predictor_logits.dtype)
-                losses["predictor"] = F.binary_cross_entropy_with_logits(predictor_logits, target)
-                pool_probs = pooled[:, self.num_experts :].reshape(-1, pool_size, self.num_experts)
-                self.pending_quantile = pool_probs.topk(k, dim=1).values[:, -1].mean(dim=0)  # [E]
-        else:
-            probs = torch.sigmoid(self.predictor(tokens))
-            pooled = self.dispatch.gather(torch.cat([scores, probs], dim=1))
-            pool_mask = torch.cat([
-                self.threshold_mask(group[:, : self.num_experts], group[:, self.num_experts :])
-                for group in pooled.split(pool_size)
-            ])
-            pair_expert, pair_token, counts = pairs_from_mask(pool_mask)
-        out = self.dispatch.combine(tokens, scores, pair_expert, pair_token, counts, self.experts)
-        pool_tokens = len(tokens) * self.dispatch.size
-        return self.finish(x, out.view(batch, seq, dim), (pair_expert, pair_token), counts, pool_tokens), losses
+        if predictor_logits is not None:
+            losses["predictor"] = F.binary_cross_entropy_with_logits(predictor_logits, decision.predictor_target)
+        out = self.dispatch.combine(tokens, scores, decision.plan, self.experts)
+        return self.add_shared(x, out.view_as(x)), losses
+
+    def decide_top_c(self, scores, predictor_logits, pool_size: int) -> "TopCDecision":
+        """Training routing, once per step: each expert's top-C tokens of every pool, the dispatch plan,
+        the predictor's target (this rank's rows of the routing mask) and the threshold quantile."""
+        pooled = self._gather_routing_inputs(scores, predictor_logits)
+        k = self.tokens_per_expert(pool_size)
+        pool_scores = pooled[:, : self.num_experts]
+        token_idx, _ = top_c_per_expert(pool_scores.reshape(-1, pool_size, self.num_experts), k)  # [E, G*k]
+        pair_expert = torch.arange(self.num_experts, device=scores.device).repeat_interleave(token_idx.shape[1])
+        routing = Routing(pair_expert, token_idx.reshape(-1), [token_idx.shape[1]] * self.num_experts)
+        self.record_routing(routing, len(pool_scores))
+        target = None
+        if predictor_logits is not None:
+            pool_mask = torch.zeros_like(pool_scores).scatter_(0, token_idx.T, 1.0)  # [pool, E]
+            own = slice(self.dispatch.rank * len(scores), (self.dispatch.rank + 1) * len(scores))
+            target = pool_mask[own].to(predictor_logits.dtype)
+            pool_probs = pooled[:, self.num_experts :].reshape(-1, pool_size, self.num_experts)
+            self.pending_quantile = pool_probs.topk(k, dim=1).values[:, -1].mean(dim=0)  # [E]
+        return TopCDecision(self.dispatch.plan(routing, scores, self.experts), target)
+
+    def threshold_routing(self, tokens, scores, pool_size: int) -> Routing:
+        """Inference: how many tokens each expert takes comes from the predictor and the thresholds."""
+        probs = torch.sigmoid(self.predictor(tokens))
+        pooled = self.dispatch.gather(torch.cat([scores, probs], dim=1))
+        return routing_from_mask(torch.cat([
+            self.threshold_mask(group[:, : self.num_experts], group[:, self.num_experts :])
+            for group in pooled.split(pool_size)
+        ]))
 
     def _gather_routing_inputs(self, scores, predictor_logits):
         """Router scores (and predictor probabilities) of every pool member's tokens: [pool, E or 2E].

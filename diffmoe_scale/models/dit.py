@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .experts import RoutedFFN
+from .routing_tape import RoutingTape
 
 
 def modulate(x, shift, scale):
@@ -72,7 +73,9 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, c):
         if self.checkpoint and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward, x, c, use_reentrant=False)
+            # A tape per call: the recomputation replays the routing of this forward (see routing_tape).
+            return torch.utils.checkpoint.checkpoint(self._forward, x, c, use_reentrant=False,
+                                                     context_fn=RoutingTape().contexts)
         return self._forward(x, c)
 
     def _forward(self, x, c):

@@ -3,12 +3,14 @@
 Every FFN kind returns `(output, losses)`: `losses` maps a name to an unweighted scalar (empty for
 dense), so blocks can treat dense and MoE layers alike.
 
-Routing is described by (expert, token) pairs sorted by expert: `pair_expert[i]` takes token
-`pair_token[i]` of the pool. A dispatch object runs the pairs through the experts and returns the
-gate-weighted sum per token. `LocalDispatch` (one process holds the pool and every expert) is the
-default; `diffmoe_scale.parallel` swaps in one that spreads pool and experts over ranks.
+Routing is described by a `Routing`: (expert, token) pairs of the pool sorted by expert. A dispatch
+object turns a routing into a `plan` for this process once (index tensors, split sizes: everything a
+recomputed forward can reuse) and `combine`s by the plan: it runs the pairs through the experts and
+returns the gate-weighted sum per token. `LocalDispatch` (one process holds the pool and every expert)
+is the default; `diffmoe_scale.parallel` swaps in one that spreads pool and experts over ranks.
 """
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -73,20 +75,36 @@ class Experts(nn.Module):
         return torch.cat([self.expert(e, chunk) for e, chunk in enumerate(chunks)])
 
 
-def weighted_sum(tokens, scores, pair_expert, pair_token, expert_out):
+class Routing(NamedTuple):
+    """(expert, token) pairs of a pool sorted by expert: expert `pair_expert[i]` takes token
+    `pair_token[i]`; the first `counts[0]` pairs are expert 0's, and so on. `counts` is a host list:
+    it sizes the expert batches (and the all-to-all), so it must not cost a device sync each step."""
+    pair_expert: torch.Tensor
+    pair_token: torch.Tensor
+    counts: list[int]
+
+
+def routing_from_mask(mask) -> Routing:
+    """[N, E] bool routing mask -> its Routing."""
+    pair_expert, pair_token = mask.T.nonzero(as_tuple=True)
+    return Routing(pair_expert, pair_token, mask.sum(dim=0).tolist())
+
+
+def weighted_sum(tokens, scores, gate_index, pair_token, expert_out):
     """out[n] = sum over pairs (e, n) of scores[n, e] * expert_out[pair]: the gate-weighted combine.
+    `gate_index`: each pair's position in the flattened scores.
 
     Gathers use index_select rather than advanced indexing, here and in the dispatches: its backward
     is a deterministic index_add, while advanced indexing's backward adds with atomics on CPU threads
     (gradients would vary run to run)."""
-    gates = scores.flatten().index_select(0, pair_token * scores.shape[1] + pair_expert).unsqueeze(1)
+    gates = scores.flatten().index_select(0, gate_index).unsqueeze(1)
     return torch.zeros_like(tokens).index_add_(0, pair_token, gates * expert_out)
 
 
-def pairs_from_mask(mask):
-    """[N, E] bool routing mask -> (pair_expert, pair_token, tokens per expert as a list)."""
-    pair_expert, pair_token = mask.T.nonzero(as_tuple=True)
-    return pair_expert, pair_token, mask.sum(dim=0).tolist()
+class LocalPlan(NamedTuple):
+    token: torch.Tensor  # pool row of each pair, sorted by expert
+    gate_index: torch.Tensor  # each pair's position in the flattened [N, E] scores
+    counts: list[int]
 
 
 class LocalDispatch:
@@ -99,10 +117,14 @@ class LocalDispatch:
         """Rows of every pool member, in rank order (here: this process's rows)."""
         return tensor
 
-    def combine(self, tokens, scores, pair_expert, pair_token, counts, experts: Experts):
+    def plan(self, routing: Routing, scores, experts: "Experts") -> LocalPlan:
+        gate_index = routing.pair_token * scores.shape[1] + routing.pair_expert
+        return LocalPlan(routing.pair_token, gate_index, routing.counts)
+
+    def combine(self, tokens, scores, plan: LocalPlan, experts: "Experts"):
         """sum over pairs of scores[token, expert] * expert(token), per token: [N, D]."""
-        expert_out = experts.forward_sorted(tokens.index_select(0, pair_token), counts)
-        return weighted_sum(tokens, scores, pair_expert, pair_token, expert_out)
+        expert_out = experts.forward_sorted(tokens.index_select(0, plan.token), plan.counts)
+        return weighted_sum(tokens, scores, plan.gate_index, plan.token, expert_out)
 
 
 class RoutedFFN(nn.Module):
@@ -124,19 +146,27 @@ class RoutedFFN(nn.Module):
     def reset_router(self):
         nn.init.normal_(self.router.weight, std=0.006)
 
-    def finish(self, x, out, pairs, tokens_per_expert, pool_tokens: int):
-        """Record the pool's routing and add the shared FFN: the common tail of a forward."""
-        self.last_pairs = pairs
-        self.last_tokens_per_expert = torch.as_tensor(tokens_per_expert).detach()
+    def route(self, tokens, scores, routing: Routing, pool_tokens: int):
+        """Run `routing` through the experts (see `record_routing` for the statistics it keeps)."""
+        self.record_routing(routing, pool_tokens)
+        return self.dispatch.combine(tokens, scores, self.dispatch.plan(routing, scores, self.experts), self.experts)
+
+    def record_routing(self, routing: Routing, pool_tokens: int) -> None:
+        """Keep the pool's routing of this forward for the capacity statistics."""
+        self.last_pairs = (routing.pair_expert, routing.pair_token)
+        self.last_tokens_per_expert = torch.tensor(routing.counts)
         self.last_num_tokens = pool_tokens
-        if self.shared_ffn is not None:
-            out = out + self.shared_ffn(x)[0]
-        return out
+
+    def add_shared(self, x, out):
+        """The common tail of a forward: plus the shared FFN of the input, where there is one."""
+        return out if self.shared_ffn is None else out + self.shared_ffn(x)[0]
 
     def experts_per_token(self, local_tokens: int) -> torch.Tensor:
         """[local_tokens]: how many experts took each of this rank's tokens in the last forward (the pool
         holds the dispatch group's tokens in rank order)."""
-        counts = torch.bincount(self.last_pairs[1], minlength=self.last_num_tokens)
+        pair_token = self.last_pairs[1]
+        counts = torch.zeros(self.last_num_tokens, dtype=torch.long, device=pair_token.device)
+        counts.index_add_(0, pair_token, torch.ones_like(pair_token))  # bincount would sync with the device
         start = self.dispatch.rank * local_tokens
         return counts[start:start + local_tokens]
 

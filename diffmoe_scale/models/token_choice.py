@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .experts import RoutedFFN, pairs_from_mask
+from .experts import RoutedFFN, routing_from_mask
 
 
 class TokenChoiceLayer(RoutedFFN):
@@ -31,9 +31,8 @@ class TokenChoiceLayer(RoutedFFN):
             losses["balance"] = (assignment_share * scores.mean(dim=0)).sum()
         if self.capacity_factor > 0:
             mask = self._drop_over_capacity(mask, scores)
-        pair_expert, pair_token, counts = pairs_from_mask(mask)
-        out = self.dispatch.combine(tokens, scores, pair_expert, pair_token, counts, self.experts)
-        return self.finish(x, out.view(batch, seq, dim), (pair_expert, pair_token), counts, len(tokens)), losses
+        out = self.route(tokens, scores, routing_from_mask(mask), len(tokens))
+        return self.add_shared(x, out.view(batch, seq, dim)), losses
 
     def _drop_over_capacity(self, mask, scores):
         num_tokens = scores.shape[0]

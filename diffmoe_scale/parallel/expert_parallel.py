@@ -13,13 +13,14 @@ partitioned by ZeRO within it, saved one file per expert) by wrapping each MoE F
 `deepspeed.moe.layer.MoE` subclass that carries our layer instead of DeepSpeed's gate and experts.
 """
 import re
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 
 from ..models import RoutedFFN
-from ..models.experts import weighted_sum
+from ..models.experts import Routing, weighted_sum
 from ..models.diffmoe import DiffMoELayer
 from .collectives import all_gather, average_over_ranks
 from .groups import ParallelGroups
@@ -27,21 +28,24 @@ from .groups import ParallelGroups
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, output_splits: list[int], input_splits: list[int], group):
-        ctx.splits, ctx.group = (output_splits, input_splits), group
-        out = x.new_empty((sum(output_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
-        return out
+    def forward(ctx, x, output_splits: list[int], input_splits: list[int], dispatch):
+        ctx.splits, ctx.dispatch = (output_splits, input_splits), dispatch
+        return dispatch.exchange(x, output_splits, input_splits)
 
     @staticmethod
     def backward(ctx, grad):
         output_splits, input_splits = ctx.splits
-        return _AllToAll.apply(grad, input_splits, output_splits, ctx.group), None, None, None
+        return _AllToAll.apply(grad, input_splits, output_splits, ctx.dispatch), None, None, None
 
 
-def all_to_all(x, output_splits: list[int], input_splits: list[int], group):
-    """Differentiable `all_to_all_single` with uneven splits (rows sent to rank j: input_splits[j])."""
-    return _AllToAll.apply(x, output_splits, input_splits, group)
+class ExpertParallelPlan(NamedTuple):
+    send_token: torch.Tensor  # this rank's token of each pair it sends, in expert order (so grouped by rank)
+    gate_index: torch.Tensor  # those pairs' positions in this rank's flattened [N_local, E] scores
+    send_splits: list[int]  # rows sent to each rank
+    recv_splits: list[int]  # rows received from each rank
+    arrival_order: torch.Tensor  # received row i is served pair arrival_order[i] (served pairs in expert order)
+    expert_order: torch.Tensor  # the inverse: served pair j is received row expert_order[j]
+    counts: list[int]  # tokens of each local expert
 
 
 class ExpertParallelDispatch:
@@ -50,34 +54,44 @@ class ExpertParallelDispatch:
 
     def __init__(self, group, size: int, rank: int):
         self.group, self.size, self.rank = group, size, rank
-        self.rows_sent = [0] * size  # token rows this rank sent to each rank, forward and return trips
+        self.rows_sent = [0] * size  # token rows this rank sent to each rank: forward, recomputed forward, backward
 
     def gather(self, tensor):
         return torch.cat(all_gather(tensor, self.group))
 
-    def combine(self, tokens, scores, pair_expert, pair_token, counts, experts):
-        local_tokens, local_experts = len(tokens), experts.num_experts
-        owner = pair_token // local_tokens  # rank holding the token
-        holder = pair_expert // local_experts  # rank holding the expert
+    def plan(self, routing: Routing, scores, experts) -> ExpertParallelPlan:
+        """Who sends which rows where, derived from the routing every rank shares (no count exchange)."""
+        local_tokens, local_experts = len(scores), experts.num_experts
+        owner = routing.pair_token // local_tokens  # rank holding the token
+        holder = routing.pair_expert // local_experts  # rank holding the expert
         mine = owner == self.rank
-        send_token = pair_token[mine] - self.rank * local_tokens  # sorted by expert, so by holder
-        send_expert = pair_expert[mine]
-        send_splits = torch.bincount(holder[mine], minlength=self.size).tolist()
-        # Pairs this rank's experts serve, sorted by expert; they arrive grouped by owner rank.
-        arriving_owner = owner[holder == self.rank]
-        recv_splits = torch.bincount(arriving_owner, minlength=self.size).tolist()
-        arrival_order = torch.argsort(arriving_owner, stable=True)  # arrival row i is served pair arrival_order[i]
-        received = all_to_all(tokens.index_select(0, send_token), recv_splits, send_splits, self.group)
-        expert_in = received.index_select(0, torch.argsort(arrival_order))
+        send_token = routing.pair_token[mine] - self.rank * local_tokens
+        send_expert = routing.pair_expert[mine]
+        arriving_owner = owner[holder == self.rank]  # the pairs this rank's experts serve arrive grouped by owner
+        splits = torch.stack([torch.bincount(holder[mine], minlength=self.size),
+                              torch.bincount(arriving_owner, minlength=self.size)]).tolist()  # the one host sync
+        arrival_order = torch.argsort(arriving_owner, stable=True)
+        expert_order = torch.empty_like(arrival_order).scatter_(
+            0, arrival_order, torch.arange(len(arrival_order), device=arrival_order.device))
         first = experts.first_expert
-        expert_out = experts.forward_sorted(expert_in, counts[first : first + local_experts])
-        returned = all_to_all(expert_out.index_select(0, arrival_order), send_splits, recv_splits, self.group)
-        self._count(send_splits, recv_splits)
-        return weighted_sum(tokens, scores, send_expert, send_token, returned)
+        return ExpertParallelPlan(send_token, send_token * scores.shape[1] + send_expert, splits[0], splits[1],
+                                  arrival_order, expert_order, routing.counts[first : first + local_experts])
 
-    def _count(self, send_splits, recv_splits):
-        for peer in range(self.size):
-            self.rows_sent[peer] += send_splits[peer] + recv_splits[peer]
+    def combine(self, tokens, scores, plan: ExpertParallelPlan, experts):
+        sent = tokens.index_select(0, plan.send_token)
+        received = _AllToAll.apply(sent, plan.recv_splits, plan.send_splits, self)
+        expert_out = experts.forward_sorted(received.index_select(0, plan.expert_order), plan.counts)
+        returning = expert_out.index_select(0, plan.arrival_order)
+        returned = _AllToAll.apply(returning, plan.send_splits, plan.recv_splits, self)
+        return weighted_sum(tokens, scores, plan.gate_index, plan.send_token, returned)
+
+    def exchange(self, x, output_splits: list[int], input_splits: list[int]):
+        """`all_to_all_single` with uneven splits (rows sent to rank j: input_splits[j]), counted."""
+        out = x.new_empty((sum(output_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=self.group)
+        for peer, rows in enumerate(input_splits):
+            self.rows_sent[peer] += rows
+        return out
 
 
 class DeepSpeedMoE(MoE):
@@ -148,7 +162,8 @@ def apply_expert_parallel(model, groups: ParallelGroups) -> None:
 
 
 def rows_sent_to_other_ranks(model) -> int:
-    """Token rows this rank's all-to-alls have sent to other ranks so far (forward passes, both trips)."""
+    """Token rows this rank's all-to-alls have sent to other ranks so far (both trips; forward, recomputed
+    forward and backward)."""
     total = 0
     for layer in model.moe_layers():
         if isinstance(layer.dispatch, ExpertParallelDispatch):

@@ -9,8 +9,9 @@ NOISE_BINS = 10  # noise levels [0, 0.1), ..., [0.9, 1]: 0 is data, 1 pure noise
 
 
 class CapacityByCondition:
-    def __init__(self, num_classes: int):
-        self.sums = torch.zeros(NOISE_BINS + num_classes, dtype=torch.float64)
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu"):
+        # On the model's device: adding a step's counts must not wait for the device.
+        self.sums = torch.zeros(NOISE_BINS + num_classes, dtype=torch.float64, device=device)
         self.counts = torch.zeros_like(self.sums)
 
     @torch.no_grad()
@@ -22,11 +23,11 @@ class CapacityByCondition:
         batch = len(labels)
         per_sample = torch.stack([
             layer.experts_per_token(layer.last_num_tokens // layer.dispatch.size).view(batch, -1).double().mean(dim=1)
-            for layer in layers]).mean(dim=0).cpu()
-        noise_bin = (noise_level.double().cpu() * NOISE_BINS).long().clamp(0, NOISE_BINS - 1)
-        bins = torch.cat([noise_bin, NOISE_BINS + labels.cpu()])
+            for layer in layers]).mean(dim=0)
+        noise_bin = (noise_level.double() * NOISE_BINS).long().clamp(0, NOISE_BINS - 1)
+        bins = torch.cat([noise_bin, NOISE_BINS + labels])
         self.sums.index_add_(0, bins, per_sample.repeat(2))
-        self.counts.index_add_(0, bins, torch.ones(2 * batch, dtype=torch.float64))
+        self.counts.index_add_(0, bins, torch.ones_like(per_sample).repeat(2))
 
     def take(self) -> dict[str, list]:
         """The window's means over every rank (None where a bin saw no sample); starts a new window.

@@ -97,7 +97,7 @@ class Trainer:
         self.run_id = broadcast_object(uuid.uuid4().hex[:12] if runtime.is_main else None)  # kept on resume
         self.weights = loss_weights(config)
         self.rows_sent_logged = 0  # all-to-all rows sent to other ranks up to the last metrics record
-        self.capacity_by_condition = CapacityByCondition(config.model.num_classes)
+        self.capacity_by_condition = CapacityByCondition(config.model.num_classes, runtime.device)
         self.tokens_per_image = (config.model.input_size // config.model.patch_size) ** 2
 
     def build_parallel_model(self):
@@ -364,8 +364,7 @@ class Trainer:
         c_avg, capacity = capacity_stats(self.model)
         images_per_s = self.config.train.global_batch_size / step_time
         rows_sent = rows_sent_to_other_ranks(self.model)
-        # The backward all-to-alls move as many rows as the forward ones.
-        a2a_bytes = 2 * (rows_sent - self.rows_sent_logged) * self.config.model.hidden_size * self.dtype.itemsize
+        a2a_bytes = (rows_sent - self.rows_sent_logged) * self.config.model.hidden_size * self.dtype.itemsize
         self.rows_sent_logged = rows_sent
         return {
             "step": self.step,
@@ -379,7 +378,7 @@ class Trainer:
             "images_per_s": images_per_s,
             "tokens_per_s": images_per_s * self.tokens_per_image,
             "peak_memory_mb": peak_memory_mb(self.runtime.device),
-            "all_to_all_mb": a2a_bytes / window_steps / 2**20,  # this rank to the others, per step
+            "all_to_all_mb": a2a_bytes / window_steps / 2**20,  # this rank to the others per step, all passes
             "skipped_steps": self.skipped_steps,
             **self.capacity_by_condition.take(),
         }
