@@ -1,19 +1,25 @@
 #!/usr/bin/env python
-"""Forward+backward time of our DiffMoE layer against baselines on the same input, as ratios.
+"""Forward+backward time and peak memory of our DiffMoE layer against baselines on the same input, as ratios.
 
-  python benchmarks/moe_layer.py                      # S width, E 4/8/16, 2K and 8K tokens
-  python benchmarks/moe_layer.py --sizes S,B --tokens 2048,8192,16384
+  python benchmarks/moe_layer.py                 # S width at 2K, 8K, 16K tokens, B width at 2K, 8K; E 4/8/16
+  python benchmarks/moe_layer.py --sizes B --tokens 16384 --experts 8
+  python benchmarks/moe_layer.py --device cuda --dtype bf16
 
 Baselines (the `name` of each result line):
   dense      the dense FFN of equal activated FLOPs (DiffMoE at capacity 1 sends each token through
-             one expert on average)
+             one expert on average), as DiT has it: Linear -> GELU(tanh) -> Linear
   deepspeed  deepspeed.moe.layer.MoE with the same experts: top-1 gate, capacity factor 1 (drops
              tokens, so it does less work than dense)
   loop       a naive reference of our routing: per expert, gather its top-C tokens, run the expert,
              scatter back
-Our layer runs as in training: router, capacity predictor, top-C over the pool, batched experts.
-Each line is one JSON object (ours_ms, baseline_ms, ratio = ours_ms / baseline_ms, medians of the
-repeats, implementations interleaved); a table follows.
+Our layer runs as in training: router, capacity predictor and its loss, top-C over the pool, batched
+experts. Every implementation gets the same input; they run interleaved (ours, dense, deepspeed,
+loop, ours, ...) after a warm-up round, and each result is the median over the repeats of the
+per-repeat ratio ours / baseline, with its min-max spread (DESIGN.md, section 6). Peak memory is
+the most memory one forward+backward allocates above what was allocated before it: activations,
+temporaries and gradients (E experts have E times the dense FFN's weight gradients); on CUDA from
+the allocator's statistics, on a CPU from the profiler's record of every allocation and free.
+Each line printed is one JSON object; a table follows.
 """
 import json
 import statistics
@@ -30,6 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffmoe_scale.cli import docstring_parser  # noqa: E402
 from diffmoe_scale.config import MODEL_SIZES  # noqa: E402
 from diffmoe_scale.models import DiffMoELayer, FeedForward  # noqa: E402
+
+BASELINES = ("dense", "deepspeed", "loop")
+DEFAULT_CASES = {"S": (2048, 8192, 16384), "B": (2048, 8192)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class ExpertFFN(nn.Module):
@@ -72,69 +82,140 @@ def loop_reference(layer: DiffMoELayer, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def step_time_ms(run, x: torch.Tensor) -> float:
-    x.grad = None
-    start = time.perf_counter()
-    run(x).backward()
-    return (time.perf_counter() - start) * 1e3
-
-
-def implementations(layer: DiffMoELayer, dense: FeedForward, moe) -> dict:
-    """name -> function of the input returning a scalar to differentiate."""
+def implementations(layer: DiffMoELayer, dense: FeedForward, baselines: list[str]) -> tuple[dict, list]:
+    """(name -> function of the input returning a scalar to differentiate, every parameter they use)."""
     def ours(x):
         out, losses = layer(x)
         return out.sum() + sum(losses.values())
 
-    def deepspeed(x):
-        out, aux_loss, _ = moe(x)
-        return out.sum() + aux_loss
+    runs = {"ours": ours, "dense": lambda x: dense(x)[0].sum(), "loop": lambda x: loop_reference(layer, x).sum()}
+    modules = [layer, dense]
+    if "deepspeed" in baselines:
+        moe = deepspeed_moe(layer, layer.num_experts).to(layer.router.weight.device, layer.router.weight.dtype)
+        modules.append(moe)
 
-    return {"ours": ours, "dense": lambda x: dense(x)[0].sum(), "deepspeed": deepspeed,
-            "loop": lambda x: loop_reference(layer, x).sum()}
+        def deepspeed(x):
+            out, aux_loss, _ = moe(x)
+            return out.sum() + aux_loss
+
+        runs["deepspeed"] = deepspeed
+    params = [p for module in modules for p in module.parameters()]
+    return {name: runs[name] for name in ("ours", *baselines)}, params
 
 
-def measure(size: str, num_experts: int, tokens: int, repeats: int) -> list[dict]:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_ms(run, x: torch.Tensor) -> float:
+    x.grad = None
+    synchronize(x.device)
+    start = time.perf_counter()
+    run(x).backward()
+    synchronize(x.device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def peak_memory_mb(run, x: torch.Tensor, params: list[torch.Tensor]) -> float:
+    """Memory one forward+backward allocates at its peak above what was allocated before (see the docstring)."""
+    for tensor in [x, *params]:
+        tensor.grad = None
+    if x.device.type == "cuda":
+        synchronize(x.device)
+        before = torch.cuda.memory_allocated(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        run(x).backward()
+        synchronize(x.device)
+        return (torch.cuda.max_memory_allocated(x.device) - before) / 2**20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
+        run(x).backward()
+    # The allocator's events, in time order: bytes allocated (> 0) and freed (< 0).
+    events = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def measure(size: str, num_experts: int, tokens: int, args) -> list[dict]:
     _, dim, _ = MODEL_SIZES[size]
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     torch.manual_seed(0)
-    layer = DiffMoELayer(dim, 4 * dim, num_experts, capacity=1.0, pool="local").train()
-    dense = FeedForward(dim, 4 * dim)
-    runs = implementations(layer, dense, deepspeed_moe(layer, num_experts))
-    x = torch.randn(1, tokens, dim).requires_grad_(True)
+    layer = DiffMoELayer(dim, 4 * dim, num_experts, capacity=1.0, pool="local").train().to(device, dtype)
+    dense = FeedForward(dim, 4 * dim).to(device, dtype)
+    runs, params = implementations(layer, dense, args.baselines)
+    x = torch.randn(1, tokens, dim, device=device, dtype=dtype).requires_grad_(True)
     times = {name: [] for name in runs}
-    for repeat in range(repeats + 1):  # the first round warms up
+    for repeat in range(args.repeats + 1):  # the first round warms up
         for name, run in runs.items():
-            elapsed = step_time_ms(run, x)
+            elapsed = step_ms(run, x)
             if repeat:
                 times[name].append(elapsed)
-    median = {name: statistics.median(values) for name, values in times.items()}
-    return [{"name": name, "size": size, "experts": num_experts, "tokens": tokens, "ours_ms": round(median["ours"], 2),
-             "baseline_ms": round(median[name], 2), "ratio": round(median["ours"] / median[name], 3)}
-            for name in ("dense", "deepspeed", "loop")]
+    memory = {name: peak_memory_mb(run, x, params) for name, run in runs.items()}
+    results = []
+    for name in args.baselines:
+        ratios = [ours / base for ours, base in zip(times["ours"], times[name])]
+        results.append({
+            "name": name, "size": size, "experts": num_experts, "tokens": tokens, "device": args.device,
+            "dtype": args.dtype, "ours_ms": round(statistics.median(times["ours"]), 2),
+            "baseline_ms": round(statistics.median(times[name]), 2), "ratio": round(statistics.median(ratios), 3),
+            "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3),
+            "ours_peak_mb": round(memory["ours"], 1), "baseline_peak_mb": round(memory[name], 1),
+        })
+    return results
+
+
+def cases(args) -> list[tuple[str, int]]:
+    if args.sizes is None and args.tokens is None:
+        return [(size, tokens) for size, token_counts in DEFAULT_CASES.items() for tokens in token_counts]
+    sizes = (args.sizes or ",".join(DEFAULT_CASES)).split(",")
+    token_counts = [int(t) for t in (args.tokens or "2048,8192").split(",")]
+    return [(size, tokens) for size in sizes for tokens in token_counts]
+
+
+def print_table(results: list[dict], baselines: list[str]) -> None:
+    print(f"\n{'size':>4} {'E':>3} {'tokens':>6} {'ours ms':>8} {'ours MB':>8} | " + " | ".join(
+        f"{name:>9}: ms  ratio [spread]  MB" for name in baselines))
+    for i in range(0, len(results), len(baselines)):
+        first = results[i]
+        print(f"{first['size']:>4} {first['experts']:>3} {first['tokens']:>6} {first['ours_ms']:>8.1f} "
+              f"{first['ours_peak_mb']:>8.0f} | " + " | ".join(
+                  f"{r['baseline_ms']:>11.1f} {r['ratio']:>5.2f} [{r['ratio_min']:.2f}-{r['ratio_max']:.2f}] "
+                  f"{r['baseline_peak_mb']:>5.0f}" for r in results[i:i + len(baselines)]))
 
 
 def main(argv=None) -> int:
     parser = docstring_parser(__doc__)
-    parser.add_argument("--sizes", default="S", help="comma-separated DiT sizes for the width (S, B, L, XL)")
+    parser.add_argument("--sizes", help="comma-separated DiT sizes for the width (S, B, L, XL); default: see above")
+    parser.add_argument("--tokens", help="comma-separated pool sizes (tokens per forward); default: see above")
     parser.add_argument("--experts", default="4,8,16")
-    parser.add_argument("--tokens", default="2048,8192", help="pool sizes (tokens per forward)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--baselines", default=",".join(BASELINES), help="comma-separated subset of " + ", ".join(BASELINES))
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up round")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     args = parser.parse_args(argv)
-    from diffmoe_scale.parallel.runtime import init_runtime
+    args.baselines = args.baselines.split(",")
+    unknown = [name for name in args.baselines if name not in BASELINES]
+    if unknown or args.repeats < 1:
+        parser.error(f"unknown baseline {unknown}" if unknown else "--repeats must be at least 1")
+    for size, _ in cases(args):
+        if size not in MODEL_SIZES:
+            parser.error(f"--sizes: unknown size {size!r} (one of {', '.join(MODEL_SIZES)})")
+    torch.set_num_threads(args.threads)
+    if "deepspeed" in args.baselines:
+        from diffmoe_scale.parallel.runtime import init_runtime
 
-    init_runtime()  # DeepSpeed's MoE layer needs its process groups, here a world of one
+        init_runtime()  # DeepSpeed's MoE layer needs its process groups, here a world of one
     results = []
-    for size in args.sizes.split(","):
+    for size, tokens in cases(args):
         for num_experts in map(int, args.experts.split(",")):
-            for tokens in map(int, args.tokens.split(",")):
-                for result in measure(size, num_experts, tokens, args.repeats):
-                    print(json.dumps(result), flush=True)
-                    results.append(result)
-    print(f"\n{'size':>4} {'E':>3} {'tokens':>6} {'ours ms':>8} | " + " | ".join(
-        f"{name:>9} ms  ratio" for name in ("dense", "deepspeed", "loop")))
-    for i in range(0, len(results), 3):
-        first = results[i]
-        print(f"{first['size']:>4} {first['experts']:>3} {first['tokens']:>6} {first['ours_ms']:>8.1f} | " + " | ".join(
-            f"{r['baseline_ms']:>12.1f} {r['ratio']:>6.2f}" for r in results[i:i + 3]))
+            for result in measure(size, num_experts, tokens, args):
+                print(json.dumps(result), flush=True)
+                results.append(result)
+    print_table(results, args.baselines)
     return 0
 
 
