@@ -176,11 +176,17 @@ def model_state_bytes(params: Parameters, layout: Layout) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Activations: bytes autograd keeps from one micro-batch's forward
+# Activations: what one micro-batch's forward keeps for backward (autograd's saved tensors and, in
+# checkpointed blocks, the routing decisions)
 
 
 def tokens_per_image(config: Config) -> int:
     return (config.model.input_size // config.model.patch_size) ** 2
+
+
+def micro_batch_tokens(config: Config, layout: Layout) -> int:
+    """Tokens of one rank's micro-batch."""
+    return layout.micro_batch * tokens_per_image(config)
 
 
 def pairs_per_rank(config: Config, layout: Layout) -> float:
@@ -189,7 +195,7 @@ def pairs_per_rank(config: Config, layout: Layout) -> float:
     Expert choice: each expert takes k = int(pool / E * capacity) tokens of every pool; a rank's
     tokens are tokens / pool of a pool's worth. Token choice: top_k per token (at most: a capacity
     factor drops some)."""
-    moe, tokens = config.moe, layout.micro_batch * tokens_per_image(config)
+    moe, tokens = config.moe, micro_batch_tokens(config, layout)
     if moe.ffn == "token_choice":
         return moe.top_k * tokens
     pool = {"ep_group": layout.ep * tokens, "local": tokens, "sample": tokens_per_image(config)}[moe.pool]
@@ -222,7 +228,7 @@ def _activation_moe_ffn(config: Config, layout: Layout) -> int:
     """Per token, the MoE FFN's share (the pairs' share comes from `pairs_per_rank`)."""
     moe, width = config.moe, PRECISION_BYTES[layout.precision]
     dim, hidden, experts = config.model.hidden_size, config.model.ffn_width, moe.num_experts
-    tokens = layout.micro_batch * tokens_per_image(config)
+    tokens = micro_batch_tokens(config, layout)
     # norm2's input and output, the modulated norm (the router's and predictor's input), the layer
     # output, the softmax scores; the predictor's hidden layer (SiLU's input and output), its logits
     # and the BCE target.
@@ -256,7 +262,7 @@ def _routing_decision(config: Config, layout: Layout) -> int:
 def _predictor_target(config: Config, layout: Layout) -> int:
     """The capacity predictor's BCE target: this rank's rows of the routing mask, a view that keeps
     the mask of the whole gathered pool (ep x the rank's tokens) alive."""
-    tokens = layout.ep * layout.micro_batch * tokens_per_image(config)
+    tokens = layout.ep * micro_batch_tokens(config, layout)
     return tokens * config.moe.num_experts * PRECISION_BYTES[layout.precision]
 
 
@@ -264,7 +270,7 @@ def _activation_block(config: Config, layout: Layout, moe: bool) -> int:
     """One block: the per-token parts, plus per sample the adaLN MLP's input, its output (the gates
     are views of it) and the two (1 + scale)."""
     width, dim = PRECISION_BYTES[layout.precision], config.model.hidden_size
-    tokens = layout.micro_batch * tokens_per_image(config)
+    tokens = micro_batch_tokens(config, layout)
     ffn = _activation_moe_ffn(config, layout) if moe else _activation_dense_ffn(config, layout) * tokens
     return _activation_attention(config, layout) * tokens + ffn + 9 * dim * width * layout.micro_batch
 
@@ -276,14 +282,15 @@ def _activation_outside_blocks(config: Config, layout: Layout) -> int:
     latent_values = model.patch_size ** 2 * model.in_channels
     per_token = (latent_values * (1 + LOSS_VALUES[config.diffusion.objective]) + 3 * model.hidden_size) * width
     per_sample = (TIMESTEP_FREQUENCIES + 5 * model.hidden_size) * width + INDEX
-    return (per_token + 2 * FP32) * layout.micro_batch * tokens_per_image(config) + per_sample * layout.micro_batch
+    return (per_token + 2 * FP32) * micro_batch_tokens(config, layout) + per_sample * layout.micro_batch
 
 
 def activation_bytes(config: Config, layout: Layout) -> dict[str, int]:
-    """Activations of one micro-batch. A checkpointed block keeps only its input; in backward it
-    recomputes its forward, so one block's activations come on top while it runs (`recompute`)."""
+    """Activations of one micro-batch. A checkpointed block keeps only its input (and a MoE block its
+    routing decision); in backward it recomputes its forward, so one block's activations come on top
+    while it runs (`recompute`)."""
     width = PRECISION_BYTES[layout.precision]
-    block_input = layout.micro_batch * tokens_per_image(config) * config.model.hidden_size * width
+    block_input = micro_batch_tokens(config, layout) * config.model.hidden_size * width
     stored, recompute = _activation_outside_blocks(config, layout), 0
     for index in range(config.model.depth):
         moe = is_moe_block(config, index)
@@ -306,7 +313,7 @@ def is_checkpointed(layout: Layout, block_index: int) -> bool:
 
 def communication_bytes(config: Config, layout: Layout, params: Parameters) -> dict[str, int]:
     width, dim, depth = PRECISION_BYTES[layout.precision], config.model.hidden_size, config.model.depth
-    tokens = layout.micro_batch * tokens_per_image(config)
+    tokens = micro_batch_tokens(config, layout)
     moe_blocks = [i for i in range(depth) if is_moe_block(config, i)]
     # Forwards of the MoE layers per micro-batch: each once, and again when its block is recomputed.
     moe_forwards = sum(2 if is_checkpointed(layout, i) else 1 for i in moe_blocks)
@@ -363,7 +370,7 @@ def estimate(config: Config, layout: Layout) -> dict:
     memory = {**model_state_bytes(params, layout), **activation_bytes(config, layout)}
     return {
         "layout": {**asdict(layout), "expert_dp": layout.expert_dp},
-        "tokens_per_micro_batch": layout.micro_batch * tokens_per_image(config),
+        "tokens_per_micro_batch": micro_batch_tokens(config, layout),
         "parameters": {**{kind: params.count(kind) for kind in PARAMETER_KINDS},
                        "per_rank_dense": dense, "per_rank_experts": experts},
         "memory": {**memory, "peak": peak_bytes(memory)},
