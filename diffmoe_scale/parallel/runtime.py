@@ -83,6 +83,14 @@ def discover_launcher() -> str:
     return "single process"
 
 
+def environment_without_launcher() -> dict:
+    """This process's environment without rendezvous or launcher variables: for starting another job's
+    processes, which must not take this one's ranks for theirs."""
+    rendezvous = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    return {name: value for name, value in os.environ.items()
+            if name not in rendezvous and not name.startswith(("SLURM_", "OMPI_", "PMI"))}
+
+
 def processes_on_this_node() -> int:
     for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE"):
         if os.environ.get(name):

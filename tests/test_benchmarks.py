@@ -1,0 +1,61 @@
+"""The benchmarks run end to end at their smallest settings and print well-formed, self-consistent
+results: JSON lines first, then the table. Times are never asserted (the benchmarks report them)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import clean_env
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(script: str, *args: str) -> tuple[list[dict], list[str]]:
+    """(the result lines, the table lines after them)."""
+    result = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=REPO, env=clean_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    lines = result.stdout.splitlines()
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert lines[:len(records)] == [line for line in lines if line.startswith("{")], "JSON lines must come first"
+    return records, [line for line in lines[len(records):] if line.strip()]
+
+
+def test_dispatch_bytes_are_the_analytical_minimum():
+    width, experts, pool = 64, 4, 256
+    records, table = run_benchmark("dispatch_bytes.py", "--widths", str(width), "--experts", str(experts),
+                                   "--tokens", str(pool))
+    assert [r["rank"] for r in records] == [0, 1]
+    local, fp32 = pool // 2, 4
+    for r in records:
+        assert r["ours_bytes"] == r["minimum_bytes"] == r["counted_bytes"] > 0, r
+        assert r["ours/minimum"] == 1.0
+        # DeepSpeed sends the other rank's experts' buffers, padded to capacity ceil(N_local / E), in its
+        # dispatch and combine, forward and backward.
+        assert r["deepspeed_bytes"] == 4 * (experts // 2) * (local // experts) * width * fp32
+        assert r["deepspeed/minimum"] == pytest.approx(r["deepspeed_bytes"] / r["minimum_bytes"], abs=1e-4)
+        assert r["routing_all_gather_bytes"] == local * 2 * experts * fp32  # scores and predictor probabilities
+        assert r["other_bytes"] == {"ours": 0, "deepspeed": 0}
+    assert "ours/min" in table[0] and len(table) == 1 + len(records)
+
+
+def test_step_benchmark_reports_consistent_layouts_and_ratios():
+    records, table = run_benchmark("step.py", "--configs", "digits", "--layouts", "single,ep2",
+                                   "--checkpointing", "off", "--repeats", "1", "--steps", "1")
+    layouts = {r["layout"]: r for r in records if r["kind"] == "layout"}
+    assert {name: r["processes"] for name, r in layouts.items()} == {"single": 1, "ep2": 2}
+    for r in layouts.values():
+        times = r["step_time_ms"]
+        assert 0 < times["min"] <= times["median"] <= times["max"]
+        assert r["tokens_per_step"] == 128 * 16  # the digits config: batch 128, 4 x 4 patches
+        assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / times["median"] * 1e3, rel=1e-3)
+        assert r["peak_memory_mb"] > 0
+    (ratio,) = [r for r in records if r["kind"] == "ratio"]
+    assert ratio["ratio"] == "ep2/single"
+    expected = layouts["ep2"]["step_time_ms"]["median"] / layouts["single"]["step_time_ms"]["median"]
+    assert ratio["step_time"]["median"] == pytest.approx(expected, rel=2e-3)  # one repetition: its own ratio
+    assert ratio["peak_memory"] == pytest.approx(
+        layouts["ep2"]["peak_memory_mb"] / layouts["single"]["peak_memory_mb"], abs=1e-3)
+    assert sum(line.startswith("digits") for line in table) == 3
