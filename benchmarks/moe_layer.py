@@ -1,26 +1,31 @@
 #!/usr/bin/env python
 """Forward+backward time and peak memory of our DiffMoE layer against baselines on the same input, as ratios.
 
-  python benchmarks/moe_layer.py                 # S width at 2K, 8K, 16K tokens, B width at 2K, 8K; E 4/8/16
+  python benchmarks/moe_layer.py                 # S width at 2K, 8K, 16K tokens, B at 2K, 8K; E 4/8/16 (~6 min)
   python benchmarks/moe_layer.py --sizes B --tokens 16384 --experts 8
   python benchmarks/moe_layer.py --device cuda --dtype bf16
 
 Baselines (the `name` of each result line):
   dense      the dense FFN of equal activated FLOPs (DiffMoE at capacity 1 sends each token through
              one expert on average), as DiT has it: Linear -> GELU(tanh) -> Linear
+  dense_predictor  the dense FFN plus our layer's capacity predictor and its loss: the predictor's
+             FLOPs (a D x D and a D x E layer, forward and weight gradients) are 8% of the FFN's, so
+             ours / dense_predictor is what routing and dispatch cost
   deepspeed  deepspeed.moe.layer.MoE with the same experts: top-1 gate, capacity factor 1 (drops
              tokens, so it does less work than dense)
   loop       a naive reference of our routing: per expert, gather its top-C tokens, run the expert,
              scatter back
 Our layer runs as in training: router, capacity predictor and its loss, top-C over the pool, batched
-experts. Every implementation gets the same input; they run interleaved (ours, dense, deepspeed,
+experts. Every implementation gets the same input and upstream gradient; they run interleaved (ours, dense, deepspeed,
 loop, ours, ...) after a warm-up round, and each result is the median over the repeats of the
 per-repeat ratio ours / baseline, with its min-max spread (DESIGN.md, section 6). Peak memory is
 the most memory one forward+backward allocates above what was allocated before it: activations,
 temporaries and gradients (E experts have E times the dense FFN's weight gradients); on CUDA from
 the allocator's statistics, on a CPU from the profiler's record of every allocation and free.
-Each line printed is one JSON object; a table follows.
+On a CPU, freed memory is kept for reuse as in training (`keep_freed_cpu_memory`), so that page faults
+of fresh allocations do not decide the comparison. Each line printed is one JSON object; a table follows.
 """
+import contextlib
 import json
 import statistics
 import sys
@@ -36,8 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffmoe_scale.cli import docstring_parser  # noqa: E402
 from diffmoe_scale.config import MODEL_SIZES  # noqa: E402
 from diffmoe_scale.models import DiffMoELayer, FeedForward  # noqa: E402
+from diffmoe_scale.parallel.runtime import init_runtime, keep_freed_cpu_memory  # noqa: E402
 
-BASELINES = ("dense", "deepspeed", "loop")
+BASELINES = ("dense", "dense_predictor", "deepspeed", "loop")
 DEFAULT_CASES = {"S": (2048, 8192, 16384), "B": (2048, 8192)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -62,9 +68,10 @@ class ExpertFFN(nn.Module):
 def deepspeed_moe(layer: DiffMoELayer, num_experts: int):
     from deepspeed.moe.layer import MoE
 
-    moe = MoE(hidden_size=layer.router.in_features, expert=ExpertFFN(layer, 0), num_experts=num_experts, ep_size=1,
-              k=1, capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=0, drop_tokens=True)
-    moe.set_deepspeed_parallelism()
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints about its groups; stdout holds the results
+        moe = MoE(hidden_size=layer.router.in_features, expert=ExpertFFN(layer, 0), num_experts=num_experts,
+                  ep_size=1, k=1, capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=0, drop_tokens=True)
+        moe.set_deepspeed_parallelism()
     for e, expert in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):  # it copied expert 0 E times
         expert.load_state_dict(ExpertFFN(layer, e).state_dict())
     return moe
@@ -83,20 +90,26 @@ def loop_reference(layer: DiffMoELayer, x: torch.Tensor) -> torch.Tensor:
 
 
 def implementations(layer: DiffMoELayer, dense: FeedForward, baselines: list[str]) -> tuple[dict, list]:
-    """(name -> function of the input returning a scalar to differentiate, every parameter they use)."""
+    """(name -> function of the input returning (output, its own loss or None), every parameter they use)."""
     def ours(x):
         out, losses = layer(x)
-        return out.sum() + sum(losses.values())
+        return out, losses["predictor"]
 
-    runs = {"ours": ours, "dense": lambda x: dense(x)[0].sum(), "loop": lambda x: loop_reference(layer, x).sum()}
+    def dense_predictor(x):
+        tokens = x.reshape(-1, x.shape[-1]).detach()
+        logits = layer.predictor(tokens)
+        return dense(x)[0], F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))
+
+    runs = {"ours": ours, "dense": lambda x: (dense(x)[0], None), "dense_predictor": dense_predictor,
+            "loop": lambda x: (loop_reference(layer, x), None)}
     modules = [layer, dense]
     if "deepspeed" in baselines:
         moe = deepspeed_moe(layer, layer.num_experts).to(layer.router.weight.device, layer.router.weight.dtype)
         modules.append(moe)
 
         def deepspeed(x):
-            out, aux_loss, _ = moe(x)
-            return out.sum() + aux_loss
+            out, balance_loss, _ = moe(x)
+            return out, balance_loss
 
         runs["deepspeed"] = deepspeed
     params = [p for module in modules for p in module.parameters()]
@@ -108,16 +121,28 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_ms(run, x: torch.Tensor) -> float:
+def forward_backward(run, x: torch.Tensor, upstream: torch.Tensor) -> None:
+    """The output's backward under a fixed upstream gradient, as inside a network (a `.sum()` would hand
+    every implementation an expanded gradient that some ops must first copy), plus the
+    implementation's own loss."""
+    out, loss = run(x)
+    outputs, grads = [out.view_as(upstream)], [upstream]
+    if loss is not None:
+        outputs.append(loss)
+        grads.append(torch.ones_like(loss))
+    torch.autograd.backward(outputs, grads)
+
+
+def step_ms(run, x: torch.Tensor, upstream: torch.Tensor) -> float:
     x.grad = None
     synchronize(x.device)
     start = time.perf_counter()
-    run(x).backward()
+    forward_backward(run, x, upstream)
     synchronize(x.device)
     return (time.perf_counter() - start) * 1e3
 
 
-def peak_memory_mb(run, x: torch.Tensor, params: list[torch.Tensor]) -> float:
+def peak_memory_mb(run, x: torch.Tensor, upstream: torch.Tensor, params: list[torch.Tensor]) -> float:
     """Memory one forward+backward allocates at its peak above what was allocated before (see the docstring)."""
     for tensor in [x, *params]:
         tensor.grad = None
@@ -125,11 +150,11 @@ def peak_memory_mb(run, x: torch.Tensor, params: list[torch.Tensor]) -> float:
         synchronize(x.device)
         before = torch.cuda.memory_allocated(x.device)
         torch.cuda.reset_peak_memory_stats(x.device)
-        run(x).backward()
+        forward_backward(run, x, upstream)
         synchronize(x.device)
         return (torch.cuda.max_memory_allocated(x.device) - before) / 2**20
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
-        run(x).backward()
+        forward_backward(run, x, upstream)
     # The allocator's events, in time order: bytes allocated (> 0) and freed (< 0).
     events = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
     live = peak = 0
@@ -147,13 +172,14 @@ def measure(size: str, num_experts: int, tokens: int, args) -> list[dict]:
     dense = FeedForward(dim, 4 * dim).to(device, dtype)
     runs, params = implementations(layer, dense, args.baselines)
     x = torch.randn(1, tokens, dim, device=device, dtype=dtype).requires_grad_(True)
+    upstream = torch.randn_like(x)
     times = {name: [] for name in runs}
     for repeat in range(args.repeats + 1):  # the first round warms up
         for name, run in runs.items():
-            elapsed = step_ms(run, x)
+            elapsed = step_ms(run, x, upstream)
             if repeat:
                 times[name].append(elapsed)
-    memory = {name: peak_memory_mb(run, x, params) for name, run in runs.items()}
+    memory = {name: peak_memory_mb(run, x, upstream, params) for name, run in runs.items()}
     results = []
     for name in args.baselines:
         ratios = [ours / base for ours, base in zip(times["ours"], times[name])]
@@ -192,7 +218,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", help="comma-separated pool sizes (tokens per forward); default: see above")
     parser.add_argument("--experts", default="4,8,16")
     parser.add_argument("--baselines", default=",".join(BASELINES), help="comma-separated subset of " + ", ".join(BASELINES))
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up round")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up round")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
@@ -205,10 +231,10 @@ def main(argv=None) -> int:
         if size not in MODEL_SIZES:
             parser.error(f"--sizes: unknown size {size!r} (one of {', '.join(MODEL_SIZES)})")
     torch.set_num_threads(args.threads)
+    keep_freed_cpu_memory()
     if "deepspeed" in args.baselines:
-        from diffmoe_scale.parallel.runtime import init_runtime
-
-        init_runtime()  # DeepSpeed's MoE layer needs its process groups, here a world of one
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout (a handler made at import)
+            init_runtime()  # DeepSpeed's MoE layer needs its process groups, here a world of one
     results = []
     for size, tokens in cases(args):
         for num_experts in map(int, args.experts.split(",")):

@@ -1,11 +1,13 @@
 """The benchmarks run end to end at their smallest settings and print well-formed, self-consistent
 results: JSON lines first, then the table. Times are never asserted (the benchmarks report them)."""
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import clean_env
 
@@ -59,3 +61,40 @@ def test_step_benchmark_reports_consistent_layouts_and_ratios():
     assert ratio["peak_memory"] == pytest.approx(
         layouts["ep2"]["peak_memory_mb"] / layouts["single"]["peak_memory_mb"], abs=1e-3)
     assert sum(line.startswith("digits") for line in table) == 3
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_moe_layer_baselines_compute_our_layer_with_our_weights():
+    """The per-expert loop is our routing without batching, and DeepSpeed's experts hold our experts' weights."""
+    from diffmoe_scale.models import DiffMoELayer
+
+    moe_layer = load_benchmark("moe_layer")
+    torch.manual_seed(0)
+    layer = DiffMoELayer(16, 32, 4, pool="local").double().train()
+    torch.nn.init.normal_(layer.router.weight)  # spread-out scores: no ties in top-C
+    x = torch.randn(2, 24, 16, dtype=torch.float64)
+    ours, _ = layer(x)
+    torch.testing.assert_close(moe_layer.loop_reference(layer, x), ours.reshape(-1, 16))
+    tokens = x.reshape(-1, 16)
+    for e in range(4):
+        torch.testing.assert_close(moe_layer.ExpertFFN(layer, e).double()(tokens), layer.experts.expert(e, tokens))
+
+
+def test_moe_layer_benchmark_reports_every_baseline_consistently():
+    records, table = run_benchmark("moe_layer.py", "--sizes", "S", "--tokens", "512", "--experts", "4",
+                                   "--repeats", "1")
+    assert [r["name"] for r in records] == ["dense", "dense_predictor", "deepspeed", "loop"]
+    assert len({r["ours_ms"] for r in records}) == 1 and len({r["ours_peak_mb"] for r in records}) == 1
+    for r in records:
+        assert r["ratio_min"] == r["ratio"] == r["ratio_max"]  # one repetition: its own ratio
+        assert r["ratio"] == pytest.approx(r["ours_ms"] / r["baseline_ms"], rel=1e-2)
+        assert r["baseline_peak_mb"] > 0
+    dense = records[0]
+    assert dense["ours_peak_mb"] > dense["baseline_peak_mb"]  # four experts' weight gradients against one FFN's
+    assert table[1].split()[:3] == ["S", "4", "512"]
