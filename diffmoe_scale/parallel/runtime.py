@@ -109,8 +109,9 @@ def keep_freed_cpu_memory() -> None:
     """Make glibc's malloc keep freed memory for reuse, as CUDA's caching allocator does on a GPU.
 
     By default every tensor over 32 MiB is a fresh mmap whose pages fault in on first touch and go back
-    to the system when freed, so each large activation costs page faults every step: about a sixth of
-    a CPU training step here. Not glibc (no mallopt): nothing to do."""
+    to the system when freed, so large activations cost page faults every step. On the 2-core machine
+    this was written on, keeping them cut page faults 40-fold and steps by 5-10% (digits config 311 ms
+    instead of 339; a DiT-S-width config 1.84 s instead of 1.98). Not glibc (no mallopt): nothing to do."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
