@@ -217,7 +217,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", help="comma-separated DiT sizes for the width (S, B, L, XL); default: see above")
     parser.add_argument("--tokens", help="comma-separated pool sizes (tokens per forward); default: see above")
     parser.add_argument("--experts", default="4,8,16")
-    parser.add_argument("--baselines", default=",".join(BASELINES), help="comma-separated subset of " + ", ".join(BASELINES))
+    parser.add_argument("--baselines", default=",".join(BASELINES),
+                        help="comma-separated subset of " + ", ".join(BASELINES))
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up round")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

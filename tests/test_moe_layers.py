@@ -275,7 +275,8 @@ def test_checkpointed_blocks_route_once_per_step(monkeypatch):
 
     decided = []
     decide = DiffMoELayer.decide_top_c
-    monkeypatch.setattr(DiffMoELayer, "decide_top_c", lambda layer, *args: decided.append(layer) or decide(layer, *args))
+    monkeypatch.setattr(DiffMoELayer, "decide_top_c",
+                        lambda layer, *args: decided.append(layer) or decide(layer, *args))
     config = load_config(DIGITS_CONFIG)
     x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), torch.tensor([0, 3, 7, 10])
     grads = []

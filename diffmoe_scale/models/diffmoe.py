@@ -85,7 +85,7 @@ class DiffMoELayer(RoutedFFN):
         out = self.dispatch.combine(tokens, scores, decision.plan, self.experts)
         return self.add_shared(x, out.view_as(x)), losses
 
-    def decide_top_c(self, scores, predictor_logits, pool_size: int) -> "TopCDecision":
+    def decide_top_c(self, scores, predictor_logits, pool_size: int) -> TopCDecision:
         """Training routing, once per step: each expert's top-C tokens of every pool, the dispatch plan,
         the predictor's target (this rank's rows of the routing mask) and the threshold quantile."""
         pooled = self._gather_routing_inputs(scores, predictor_logits)

@@ -84,8 +84,8 @@ class Experts(nn.Module):
         ends = sizes.cumsum(0).to(torch.int32)
         row_expert = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), sizes,
                                              output_size=len(x))
-        hidden = F.grouped_mm(x, self.w1, offs=ends) + self.b1.index_select(0, row_expert)
-        return F.grouped_mm(F.gelu(hidden, approximate="tanh"), self.w2, offs=ends) + self.b2.index_select(0, row_expert)
+        hidden = F.gelu(F.grouped_mm(x, self.w1, offs=ends) + self.b1.index_select(0, row_expert), approximate="tanh")
+        return F.grouped_mm(hidden, self.w2, offs=ends) + self.b2.index_select(0, row_expert)
 
 
 class Routing(NamedTuple):
@@ -130,11 +130,11 @@ class LocalDispatch:
         """Rows of every pool member, in rank order (here: this process's rows)."""
         return tensor
 
-    def plan(self, routing: Routing, scores, experts: "Experts") -> LocalPlan:
+    def plan(self, routing: Routing, scores, experts: Experts) -> LocalPlan:
         gate_index = routing.pair_token * scores.shape[1] + routing.pair_expert
         return LocalPlan(routing.pair_token, gate_index, routing.counts)
 
-    def combine(self, tokens, scores, plan: LocalPlan, experts: "Experts"):
+    def combine(self, tokens, scores, plan: LocalPlan, experts: Experts):
         """sum over pairs of scores[token, expert] * expert(token), per token: [N, D]."""
         expert_out = experts.forward_sorted(tokens.index_select(0, plan.token), plan.counts)
         return weighted_sum(tokens, scores, plan.gate_index, plan.token, expert_out)
