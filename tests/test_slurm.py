@@ -124,7 +124,7 @@ def test_l_e8_recipe_is_preempted_requeues_resumes_and_matches_a_straight_run(cl
 def test_extraction_recipe_writes_latents_from_both_nodes(cluster, image_folder, vae_dir, tmp_path):
     latents, log_dir = tmp_path / "latents", tmp_path / "logs"
     job = submit_recipe(client_env(
-        cluster, NODES="2", TASKS_PER_NODE="1", GPUS_PER_NODE="0", CPUS_PER_TASK="1", TIME="10",
+        cluster, NODES="2", TASKS_PER_NODE="1", GPUS_PER_NODE="0", CPUS_PER_TASK="1", TIME="10", SIGNAL_LEAD="60",
         IMAGES=str(image_folder), DATA=str(latents), VAE=str(vae_dir), IMAGE_SIZE="16", SHARD_SIZE="5",
         LOG_DIR=str(log_dir), PYTHON=sys.executable, OMP_NUM_THREADS="1"), recipe="slurm/extract_latents.sbatch")
     final = cluster.wait_for(job, lambda state: state.finished, timeout=300)
@@ -138,7 +138,7 @@ def test_extraction_recipe_writes_latents_from_both_nodes(cluster, image_folder,
 def test_evaluation_recipe_samples_over_two_nodes_and_scores_the_digits(cluster, trained, tmp_path):
     out, log_dir = tmp_path / "eval", tmp_path / "logs"
     job = submit_recipe(client_env(
-        cluster, NODES="2", TASKS_PER_NODE="1", GPUS_PER_NODE="0", CPUS_PER_TASK="1", TIME="10",
+        cluster, NODES="2", TASKS_PER_NODE="1", GPUS_PER_NODE="0", CPUS_PER_TASK="1", TIME="10", SIGNAL_LEAD="60",
         WEIGHTS=str(trained / "ema.safetensors"), OUT=str(out), NUM_SAMPLES="40", EP="2", STEPS="4",
         LOG_DIR=str(log_dir), PYTHON=sys.executable, OMP_NUM_THREADS="1"), recipe="slurm/evaluate.sbatch")
     final = cluster.wait_for(job, lambda state: state.finished, timeout=300)
