@@ -90,7 +90,7 @@ def last_step(run_dir: Path) -> int:
 def test_l_e8_recipe_is_preempted_requeues_resumes_and_matches_a_straight_run(cluster, tmp_path):
     run_dir, log_dir = tmp_path / "run", tmp_path / "logs"
     job = submit_recipe(client_env(
-        cluster, NODES="2", TASKS_PER_NODE="1", GPUS_PER_NODE="0", CPUS_PER_TASK="1", TIME="15",
+        cluster, NODES="2", TASKS_PER_NODE="1", GPUS_PER_NODE="0", CPUS_PER_TASK="1", TIME="15", SIGNAL_LEAD="60",
         CONFIG="configs/digits_diffmoe_e4_flow.yaml", RUN_DIR=str(run_dir), LOG_DIR=str(log_dir),
         OVERRIDES=" ".join(OVERRIDES), PYTHON=sys.executable, OMP_NUM_THREADS="1"))
     log = log_dir / f"diffmoe-l-e8-flow-{job}.out"
