@@ -133,8 +133,15 @@ def forward_backward(run, x: torch.Tensor, upstream: torch.Tensor) -> None:
     torch.autograd.backward(outputs, grads)
 
 
-def step_ms(run, x: torch.Tensor, upstream: torch.Tensor) -> float:
-    x.grad = None
+def clear_grads(tensors: list[torch.Tensor]) -> None:
+    """Every step starts without gradients, as training's zero_grad(set_to_none=True) leaves it (accumulating
+    into kept gradients would charge each implementation an extra pass over its weight gradients)."""
+    for tensor in tensors:
+        tensor.grad = None
+
+
+def step_ms(run, x: torch.Tensor, upstream: torch.Tensor, params: list[torch.Tensor]) -> float:
+    clear_grads([x, *params])
     synchronize(x.device)
     start = time.perf_counter()
     forward_backward(run, x, upstream)
@@ -144,8 +151,7 @@ def step_ms(run, x: torch.Tensor, upstream: torch.Tensor) -> float:
 
 def peak_memory_mb(run, x: torch.Tensor, upstream: torch.Tensor, params: list[torch.Tensor]) -> float:
     """Memory one forward+backward allocates at its peak above what was allocated before (see the docstring)."""
-    for tensor in [x, *params]:
-        tensor.grad = None
+    clear_grads([x, *params])
     if x.device.type == "cuda":
         synchronize(x.device)
         before = torch.cuda.memory_allocated(x.device)
@@ -176,7 +182,7 @@ def measure(size: str, num_experts: int, tokens: int, args) -> list[dict]:
     times = {name: [] for name in runs}
     for repeat in range(args.repeats + 1):  # the first round warms up
         for name, run in runs.items():
-            elapsed = step_ms(run, x, upstream)
+            elapsed = step_ms(run, x, upstream, params)
             if repeat:
                 times[name].append(elapsed)
     memory = {name: peak_memory_mb(run, x, upstream, params) for name, run in runs.items()}

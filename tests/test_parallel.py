@@ -6,6 +6,7 @@ under torchrun and compares its per-step losses, first-step routing and gradient
 parameters and thresholds with a single-process reference on the same global batch.
 """
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffmoe_scale.parallel.runtime import use_this_environments_ninja
 from tests.helpers import clean_env, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -236,6 +238,16 @@ def test_launcher_runs_ep2_training(launcher, single_process_loss, tmp_path):
     assert f"2 ranks ({expected_launcher}): dp 2 x tp 1, ep 2" in result.stdout
     assert (tmp_path / "samples.png").is_file()
     assert final_loss(tmp_path) == pytest.approx(single_process_loss, rel=RTOL)
+
+
+def test_every_launcher_builds_deepspeed_ops_with_the_environments_ninja(monkeypatch):
+    """A process started without the environment's bin on PATH (plain `.venv/bin/python`, srun, mpirun)
+    must build DeepSpeed's ops with the same ninja as one the deepspeed launcher starts (it puts the bin
+    first); two ninja versions would rebuild the ops for each other."""
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    use_this_environments_ninja()
+    assert shutil.which("ninja") == str(VENV_BIN / "ninja")
+    assert os.environ["PATH"].split(os.pathsep)[1:] == ["/usr/bin", "/bin"]
 
 
 def test_srun_variables_start_the_ranks(single_process_loss, tmp_path):

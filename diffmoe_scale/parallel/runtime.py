@@ -121,12 +121,28 @@ def keep_freed_cpu_memory() -> None:
     libc.mallopt(m_trim_threshold, 2**31 - 1)  # and never hand the heap's free top back to the system
 
 
+def use_this_environments_ninja() -> None:
+    """Put this interpreter's bin directory first on PATH, as activating its environment would, when it
+    holds a `ninja`.
+
+    DeepSpeed builds its ops on first use (on a CPU: its shared-memory comm op, in `init_distributed`)
+    with whichever `ninja` comes first on PATH. The environment's ninja (1.13, a DeepSpeed requirement) and
+    a system one (Debian's 1.11) hash build commands differently, so processes that find different ones
+    rebuild the op for each other: about 50 s on 2 cores at every switch of launcher."""
+    bin_dir = os.path.dirname(sys.executable)
+    if not os.path.isfile(os.path.join(bin_dir, "ninja")):
+        return
+    path = [entry for entry in os.environ.get("PATH", "").split(os.pathsep) if entry and entry != bin_dir]
+    os.environ["PATH"] = os.pathsep.join([bin_dir, *path])
+
+
 def init_runtime() -> Runtime:
     """Initialise the default process group (gloo on CPU, nccl on GPU) through DeepSpeed, under
     whichever launcher started this process (see `discover_launcher`)."""
     import deepspeed
 
     launcher = discover_launcher()
+    use_this_environments_ninja()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
