@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import spawn  # noqa: E402
+from moe_layer import deepspeed_top1  # noqa: E402
 from diffmoe_scale.cli import docstring_parser  # noqa: E402
 
 RANKS = 2
@@ -98,16 +99,6 @@ def minimum_bytes(layer, local_tokens: int, rank: int, row_bytes: int) -> int:
     return 2 * crossing * row_bytes
 
 
-def deepspeed_layer(width: int, num_experts: int):
-    from deepspeed.moe.layer import MoE
-
-    expert = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width))
-    moe = MoE(hidden_size=width, expert=expert, num_experts=num_experts, ep_size=RANKS, k=1, capacity_factor=1.0,
-              eval_capacity_factor=1.0, min_capacity=0, drop_tokens=True)
-    moe.set_deepspeed_parallelism()
-    return moe
-
-
 def measure(width: int, num_experts: int, pool_tokens: int, groups) -> dict:
     from diffmoe_scale.models import DiffMoELayer
     from diffmoe_scale.parallel.expert_parallel import apply_expert_parallel, rows_sent_to_other_ranks
@@ -119,7 +110,8 @@ def measure(width: int, num_experts: int, pool_tokens: int, groups) -> dict:
     layer = DiffMoELayer(width, 4 * width, num_experts)
     layer.reset_router()
     apply_expert_parallel(nn.ModuleList([layer]), groups)  # this rank's experts, the EP dispatch
-    moe = deepspeed_layer(width, num_experts)
+    expert = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width))
+    moe = deepspeed_top1(width, expert, num_experts, ep_size=RANKS)
 
     def ours(tokens):
         out, losses = layer(tokens)

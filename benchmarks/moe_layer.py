@@ -65,13 +65,21 @@ class ExpertFFN(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-def deepspeed_moe(layer: DiffMoELayer, num_experts: int):
+def deepspeed_top1(hidden_size: int, expert: nn.Module, num_experts: int, ep_size: int = 1):
+    """deepspeed.moe.layer.MoE as the benchmarks compare with it: top-1 gate, capacity factor 1, dropping
+    the tokens over capacity; `expert` is copied for every expert."""
     from deepspeed.moe.layer import MoE
 
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints about its groups; stdout holds the results
-        moe = MoE(hidden_size=layer.router.in_features, expert=ExpertFFN(layer, 0), num_experts=num_experts,
-                  ep_size=1, k=1, capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=0, drop_tokens=True)
+        moe = MoE(hidden_size=hidden_size, expert=expert, num_experts=num_experts, ep_size=ep_size, k=1,
+                  capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=0, drop_tokens=True)
         moe.set_deepspeed_parallelism()
+    return moe
+
+
+def deepspeed_moe(layer: DiffMoELayer, num_experts: int):
+    """DeepSpeed's top-1 MoE holding our layer's experts."""
+    moe = deepspeed_top1(layer.router.in_features, ExpertFFN(layer, 0), num_experts)
     for e, expert in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):  # it copied expert 0 E times
         expert.load_state_dict(ExpertFFN(layer, e).state_dict())
     return moe
