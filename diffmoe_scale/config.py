@@ -107,6 +107,7 @@ class TrainConfig:
     seed: int = 0
     ema_decay: float = 0.9999
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    tf32: bool = True  # TF32 for the matmuls that stay fp32, on GPUs that have it (false: exact fp32)
     max_nonfinite_steps: int = 5  # NaN/Inf steps in a row (each skipped) before the run saves and stops
 
 
@@ -354,6 +355,11 @@ def _resolve_and_validate(config: Config, source: str) -> None:
             "must be at least 1")
     if parallel.zero_stage == 3 and moe.ffn != "dense":
         fail("parallel.zero_stage", "ZeRO-3 does not support MoE layers; use stage 0, 1 or 2")
+    if train.precision != "fp32":
+        require(parallel.zero_stage in (1, 2), "parallel.zero_stage",
+                f"train.precision={train.precision} keeps fp32 master weights and accumulates and reduces gradients "
+                f"in fp32 through DeepSpeed's ZeRO optimizers: use stage 1 or 2 (with one data-parallel rank, "
+                f"stage 1 costs what stage 0 does)")
     if config.data.dataset == "latents":
         require(config.data.path is not None, "data.path", "the latents dataset needs the directory of its shards")
     if config.data.dataset == "digits":

@@ -165,13 +165,16 @@ def model_state_bytes(params: Parameters, layout: Layout) -> dict[str, int]:
         partition = sum(p for p, _ in partitions)
         gradients = sum(g for _, g in partitions) if layout.zero_stage == 2 else local
     has_master = layout.zero_stage > 0 or layout.precision != "fp32"
+    # The EMA is sharded as the masters are: ZeRO's partition, or without ZeRO an equal share of each
+    # parameter among the ranks holding copies of it (train/ema.py).
+    ema = partition if layout.zero_stage else sum(-(-size // ranks) for sizes, ranks in groups for size in sizes)
     return {
         "parameters": local * width,
         "gradients": gradients * width,
         "reduce_bucket": REDUCE_BUCKET_ELEMENTS * width if layout.zero_stage else 0,
         "master_weights": partition * FP32 if has_master else 0,
         "optimizer_state": 2 * partition * FP32,
-        "ema": local * FP32,
+        "ema": ema * FP32,
     }
 
 
@@ -483,7 +486,7 @@ def model_state_census(trainer) -> dict[str, int]:
         "reduce_bucket": sum(buckets.values()),
         "master_weights": sum(master.values()),
         "optimizer_state": sum(moments.values()),
-        "ema": sum(_storages(trainer.ema.model.parameters()).values()),
+        "ema": sum(_storages(trainer.ema.shadow).values()),
     }
 
 

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         save_atomically(args.out / shard_name(k), latents)
         print(f"rank {runtime.rank}: shard {k} ({len(paths)} images, {len(paths) / (time.perf_counter() - began):.1f} "
               f"images/s), {done}/{len(todo)}", flush=True)
-    code = max_over_ranks(stop.exit_code)  # the index only once every rank has written all its shards
+    code = max_over_ranks(stop.exit_code, runtime.device)  # the index only once every rank has written all its shards
     if not code and runtime.is_main:
         counts = [min(args.shard_size, len(images) - start) for start in starts]
         index = write_index(args, vae, classes, images, counts)

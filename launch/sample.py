@@ -54,9 +54,11 @@ def parse_args(argv=None):
 
 
 def sampling_config(saved: dict, args) -> Config:
-    """The training config with the sampling settings and layout of this run."""
+    """The training config with the sampling settings and layout of this run: the EMA weights are fp32,
+    and sampling runs in fp32."""
     raw = {section: dict(values) for section, values in saved.items()}
     raw["parallel"] = {"ep": args.ep}
+    raw["train"]["precision"] = "fp32"
     for key, value in (("sampler", args.sampler), ("steps", args.steps), ("cfg_scale", args.cfg_scale)):
         if value is not None:
             raw["sample"][key] = value

@@ -134,9 +134,10 @@ def test_imagenet_config_matches_name_and_paper(stem):
     assert (config.train.global_batch_size, config.train.ema_decay) == (256, 0.9999)
     assert (config.sample.steps, config.sample.cfg_scale) == (250, 1.0)
     assert config.diffusion.num_timesteps == 1000
-    # The L-E8 runs carry the slurm/l_e8_7m recipes' layout; the others leave it to the launch.
-    layout = (8, 1, 1) if stem.startswith("diffmoe_l_e8_") else (1, 1, 0)
-    assert (config.parallel.ep, config.parallel.tp, config.parallel.zero_stage) == layout
+    # The L-E8 runs carry the slurm/l_e8_7m recipes' layout; the others leave EP and TP to the launch.
+    # All train as production trainers do: bf16 matmuls, TF32 for what stays fp32, fp32 masters in ZeRO 1.
+    assert (config.parallel.ep, config.parallel.tp) == ((8, 1) if stem.startswith("diffmoe_l_e8_") else (1, 1))
+    assert (config.train.precision, config.train.tf32, config.parallel.zero_stage) == ("bf16", True, 1)
     assert (config.checkpoint.every_steps, config.checkpoint.keep_last, config.checkpoint.keep_every) == (
         10_000, 3, 500_000)
 

@@ -184,7 +184,7 @@ def test_nan_steps_are_skipped_and_a_streak_saves_and_stops(zero_stage, runtime,
         if trainer.step in (3, 5, 9):
             snapshots[trainer.step] = [t.detach().clone() for t in (*trainer.model.parameters(),
                                                                    *trainer.model.buffers(),
-                                                                   *trainer.ema.model.parameters())]
+                                                                   *trainer.ema.shadow)]
         return train_step()
 
     trainer.train_step = train_step_with_snapshots
@@ -196,5 +196,5 @@ def test_nan_steps_are_skipped_and_a_streak_saves_and_stops(zero_stage, runtime,
     assert all(math.isfinite(records[s]["loss"]) for s in (6, 7, 8, 9))
     assert not torch.equal(snapshots[5][0], snapshots[9][0])  # healthy steps after the skips were applied
     assert (tmp_path / "checkpoints" / "step_00000012" / "manifest.json").is_file()
-    assert trainer.skipped_steps == 5 and trainer.nonfinite_in_a_row == 3
+    assert trainer.health.skipped_steps == 5 and trainer.health.in_a_row == 3
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())

@@ -94,10 +94,11 @@ class DDPMObjective:
         self.schedule = GaussianSchedule.linear(num_timesteps, beta_start, beta_end)
         self.learn_sigma = learn_sigma
 
-    def draw(self, shape, generator: torch.Generator, dtype=torch.float32):
+    def draw(self, shape, generator: torch.Generator, dtype=torch.float32, device=None):
         """The random inputs of a batch of `shape`: (noise, timesteps), noise drawn first."""
-        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
-        step = torch.randint(0, len(self.schedule.betas), (shape[0],), generator=generator, device=generator.device)
+        device = generator.device if device is None else device
+        noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        step = torch.randint(0, len(self.schedule.betas), (shape[0],), generator=generator, device=device)
         return noise, step
 
     def noise_level(self, step: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,11 @@ from .guidance import guided_prediction
 class FlowObjective:
     samplers = ("euler", "heun")
 
-    def draw(self, shape, generator: torch.Generator, dtype=torch.float32):
+    def draw(self, shape, generator: torch.Generator, dtype=torch.float32, device=None):
         """The random inputs of a batch of `shape`: (noise, t), noise drawn first."""
-        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
-        return noise, torch.rand(shape[0], generator=generator, device=generator.device, dtype=dtype)
+        device = generator.device if device is None else device
+        noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        return noise, torch.rand(shape[0], generator=generator, device=device, dtype=dtype)
 
     def noise_level(self, t: torch.Tensor) -> torch.Tensor:
         """0 for data, 1 for pure noise: the input is t * data + (1 - t) * noise."""

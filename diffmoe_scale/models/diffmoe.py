@@ -6,6 +6,9 @@ that took it (0..E of them). Pools: "ep_group" is every token of the dispatch's 
 process: its batch, as DiffMoE), "local" is each rank's own batch (the authors' DDP code),
 "sample" makes each sample its own pool (the EC-DiT baseline, no predictor).
 
+Routing runs in fp32 whatever the model's dtype: router scores, top-C, the capacity predictor, its
+loss and the thresholds (which stay fp32 when the module is cast to bf16).
+
 The capacity predictor sees the detached layer input and learns (BCE) the routing mask; per expert,
 a threshold tracks the C-th largest predictor probability of the pool by EMA. The forward only
 records that quantile (`pending_quantile`); `update_thresholds` applies it once per optimizer
@@ -20,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import routing_tape
-from .experts import RoutedFFN, Routing, routing_from_mask
+from .experts import RoutedFFN, Routing, router_scores, routing_dtype, routing_from_mask
 
 POOLS = ("ep_group", "local", "sample")
 
@@ -58,6 +61,23 @@ class DiffMoELayer(RoutedFFN):
         self.register_buffer("thresholds", torch.zeros(num_experts))
         self.pending_quantile = None
 
+    def _apply(self, fn, recurse=True):
+        """A cast to bf16/fp16 leaves the thresholds in fp32 (an EMA with decay 0.95 in bf16 would lose its
+        increments), taken from their values before the cast; moves apply to them as to the rest."""
+        thresholds = self.thresholds
+        super()._apply(fn, recurse)
+        dtype = routing_dtype(self.thresholds.dtype)
+        if dtype != self.thresholds.dtype:
+            self.thresholds = thresholds.to(device=self.thresholds.device, dtype=dtype)
+        return self
+
+    def predictor_logits(self, tokens):
+        """The capacity predictor [N, E] in the routing dtype (weights upcast for the computation)."""
+        dtype = routing_dtype(tokens.dtype)
+        first, _, last = self.predictor
+        hidden = F.silu(F.linear(tokens.to(dtype), first.weight.to(dtype), first.bias.to(dtype)))
+        return F.linear(hidden, last.weight.to(dtype), last.bias.to(dtype))
+
     def pool_size(self, batch: int, seq: int) -> int:
         """Tokens per pool; the gathered tokens of the dispatch split into pools of this size."""
         if self.pool == "sample":
@@ -67,14 +87,14 @@ class DiffMoELayer(RoutedFFN):
     def forward(self, x):
         batch, seq, dim = x.shape
         tokens = x.reshape(-1, dim)
-        scores = self.router(tokens).softmax(dim=-1)  # [N, E]
+        scores = router_scores(self.router, tokens)  # [N, E], fp32
         pool_size = self.pool_size(batch, seq)
         if not self.training and self.inference_routing != "capacity":
             routing = self.threshold_routing(tokens, scores, pool_size)
             out = self.route(tokens, scores, routing, len(tokens) * self.dispatch.size)
             return self.add_shared(x, out.view_as(x)), {}
         use_predictor = self.training and self.predictor is not None
-        predictor_logits = self.predictor(tokens.detach()) if use_predictor else None
+        predictor_logits = self.predictor_logits(tokens.detach()) if use_predictor else None
         decision = routing_tape.replayed(self)  # set when activation checkpointing recomputes this forward
         if decision is None:
             decision = self.decide_top_c(scores, predictor_logits, pool_size)
@@ -99,14 +119,14 @@ class DiffMoELayer(RoutedFFN):
         if predictor_logits is not None:
             pool_mask = torch.zeros_like(pool_scores).scatter_(0, token_idx.T, 1.0)  # [pool, E]
             own = slice(self.dispatch.rank * len(scores), (self.dispatch.rank + 1) * len(scores))
-            target = pool_mask[own].to(predictor_logits.dtype)
+            target = pool_mask[own]
             pool_probs = pooled[:, self.num_experts :].reshape(-1, pool_size, self.num_experts)
             self.pending_quantile = pool_probs.topk(k, dim=1).values[:, -1].mean(dim=0)  # [E]
         return TopCDecision(self.dispatch.plan(routing, scores, self.experts), target)
 
     def threshold_routing(self, tokens, scores, pool_size: int) -> Routing:
         """Inference: how many tokens each expert takes comes from the predictor and the thresholds."""
-        probs = torch.sigmoid(self.predictor(tokens))
+        probs = torch.sigmoid(self.predictor_logits(tokens))
         pooled = self.dispatch.gather(torch.cat([scores, probs], dim=1))
         return routing_from_mask(torch.cat([
             self.threshold_mask(group[:, : self.num_experts], group[:, self.num_experts :])
@@ -119,7 +139,7 @@ class DiffMoELayer(RoutedFFN):
         Only small N x E tensors travel; every rank then takes the same routing decisions."""
         routing_inputs = scores.detach()
         if predictor_logits is not None:
-            probs = torch.sigmoid(predictor_logits.detach()).to(scores.dtype)
+            probs = torch.sigmoid(predictor_logits.detach())
             routing_inputs = torch.cat([routing_inputs, probs], dim=1)
         return self.dispatch.gather(routing_inputs)
 
@@ -139,7 +159,7 @@ class DiffMoELayer(RoutedFFN):
         quantile = self.pending_quantile if quantile is None else quantile
         if quantile is None:
             raise RuntimeError("update_thresholds needs a training forward first")
-        self.thresholds.mul_(self.threshold_ema).add_((1 - self.threshold_ema) * quantile.to(self.thresholds.dtype))
+        self.thresholds.mul_(self.threshold_ema).add_((1 - self.threshold_ema) * quantile)
         self.pending_quantile = None
 
     def threshold_mask(self, scores, predictor_probs):

@@ -103,15 +103,29 @@ def routing_from_mask(mask) -> Routing:
     return Routing(pair_expert, pair_token, mask.sum(dim=0).tolist())
 
 
+def routing_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype routing computes in: fp32 for a bf16/fp16 model (no low-precision ties or rounding in
+    top-C, the gates or the predictor), the model's own where that is wider."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def router_scores(router: nn.Linear, tokens):
+    """Softmax router scores [N, E] in the routing dtype."""
+    dtype = routing_dtype(tokens.dtype)
+    return F.linear(tokens.to(dtype), router.weight.to(dtype)).softmax(dim=-1)
+
+
 def weighted_sum(tokens, scores, gate_index, pair_token, expert_out):
-    """out[n] = sum over pairs (e, n) of scores[n, e] * expert_out[pair]: the gate-weighted combine.
-    `gate_index`: each pair's position in the flattened scores.
+    """out[n] = sum over pairs (e, n) of scores[n, e] * expert_out[pair]: the gate-weighted combine,
+    accumulated in the scores' (routing) dtype and returned in the tokens' dtype. `gate_index`: each pair's
+    position in the flattened scores.
 
     Gathers use index_select rather than advanced indexing, here and in the dispatches: its backward
     is a deterministic index_add, while advanced indexing's backward adds with atomics on CPU threads
     (gradients would vary run to run)."""
     gates = scores.flatten().index_select(0, gate_index).unsqueeze(1)
-    return torch.zeros_like(tokens).index_add_(0, pair_token, gates * expert_out)
+    total = torch.zeros(tokens.shape, dtype=scores.dtype, device=tokens.device)
+    return total.index_add_(0, pair_token, gates * expert_out.to(scores.dtype)).to(tokens.dtype)
 
 
 class LocalPlan(NamedTuple):

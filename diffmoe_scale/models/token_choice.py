@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .experts import RoutedFFN, routing_from_mask
+from .experts import RoutedFFN, router_scores, routing_from_mask
 
 
 class TokenChoiceLayer(RoutedFFN):
@@ -22,7 +22,7 @@ class TokenChoiceLayer(RoutedFFN):
     def forward(self, x):
         batch, seq, dim = x.shape
         tokens = x.reshape(-1, dim)
-        scores = self.router(tokens).softmax(dim=-1)  # [N, E]
+        scores = router_scores(self.router, tokens)  # [N, E], fp32
         topk_idx = scores.topk(self.top_k, dim=-1).indices
         mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, topk_idx, True)
         losses = {}

@@ -1,4 +1,7 @@
-"""The few collectives the trainer and the parallel layers share (no-ops in a world of one)."""
+"""The few collectives the trainer and the parallel layers share (no-ops in a world of one).
+
+Every tensor handed to a collective lives on the device the process computes on: NCCL, the backend on
+GPUs, has no CPU tensors. Object collectives are torch's, which place their buffers by backend."""
 import torch
 import torch.distributed as dist
 
@@ -25,11 +28,11 @@ def average_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def max_over_ranks(value: int) -> int:
-    """The largest of every rank's `value`, on every rank."""
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest of every rank's `value`, on every rank (`device`: where this process computes)."""
     if not _distributed():
         return value
-    tensor = torch.tensor(value, dtype=torch.int64)
+    tensor = torch.tensor(value, dtype=torch.int64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor.item())
 

@@ -19,7 +19,7 @@ def full_tensor(param: torch.nn.Parameter, tensor: torch.Tensor, groups: Paralle
     if hasattr(param, "tp_index") and groups.tp_size > 1:
         tp_group = groups.mpu.get_tensor_model_parallel_group()
         dim = param.partition_dim
-        index = torch.cat(all_gather(param.tp_index, tp_group))
+        index = torch.cat(all_gather(param.tp_index.to(tensor.device), tp_group))
         shards = torch.cat(all_gather(tensor, tp_group), dim=dim)
         tensor = torch.empty_like(shards).index_copy_(dim, index, shards)
     return tensor
@@ -31,7 +31,7 @@ def local_shard(param: torch.nn.Parameter, full: torch.Tensor, groups: ParallelG
         local = full.shape[0] // groups.ep_size
         full = full.narrow(0, groups.ep_rank * local, local)
     if hasattr(param, "tp_index") and groups.tp_size > 1:
-        full = full.index_select(param.partition_dim, param.tp_index)
+        full = full.index_select(param.partition_dim, param.tp_index.to(full.device))
     return full
 
 
@@ -57,16 +57,21 @@ def _master(param) -> bool:
 
 
 def _link_optimizer_state(engine) -> None:
-    """Make the Adam state exist and DeepSpeed's per-parameter views of it linked; both happen lazily
-    at the first optimizer step, and a consolidated checkpoint is read or written without one."""
+    """Make the Adam state exist and DeepSpeed's per-parameter views of it linked. Both happen lazily at the
+    first optimizer step, and a consolidated checkpoint is read or written without one; and where ZeRO 2
+    steps its parameter groups one at a time, that first link runs before the later groups have state,
+    so the link is made again here (tests/test_consolidate.py pins it)."""
     optimizer = _torch_optimizer(engine)
     for group in optimizer.param_groups:
+        on_device = group.get("fused") or group.get("capturable")  # where torch's AdamW keeps its step
         for flat in group["params"]:
             if not optimizer.state[flat]:
-                optimizer.state[flat].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat),
+                step = torch.zeros((), dtype=torch.float32, device=flat.device if on_device else "cpu")
+                optimizer.state[flat].update(step=step, exp_avg=torch.zeros_like(flat),
                                              exp_avg_sq=torch.zeros_like(flat))
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)  # ZeRO 1/2 and bf16
     if link is not None:
+        engine.optimizer._hp_optimizer_states_linked = False
         link()
 
 
@@ -82,11 +87,10 @@ def full_training_state(engine, model, groups: ParallelGroups) -> dict:
         state = None if _master(param) else optimizer.state.get(param)
         moments[name] = {key: full_tensor(param, safe_get_full_optimizer_state(param, key) if _master(param)
                                           else state[key], groups) for key in ADAM_MOMENTS}
-    steps = [int(state["step"]) for state in optimizer.state.values() if "step" in state]
     return {
         "params": {name: full_tensor(p, params[name], groups) for name, p in model.named_parameters()},
         "moments": moments,
-        "adam_step": max(steps, default=0),
+        "adam_step": max((int(state["step"]) for state in optimizer.state.values() if "step" in state), default=0),
     }
 
 
@@ -105,5 +109,5 @@ def load_full_training_state(engine, model, groups: ParallelGroups, state: dict)
                 safe_set_full_optimizer_state(param, value, key)
         else:
             optimizer.state[param].update(moments)
-    for param_state in optimizer.state.values():
-        param_state["step"] = torch.tensor(float(state["adam_step"]))
+    for param_state in optimizer.state.values():  # torch's AdamW keeps the step per parameter, fused or not
+        param_state["step"].fill_(state["adam_step"])

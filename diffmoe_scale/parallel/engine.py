@@ -6,8 +6,7 @@ from deepspeed.moe.utils import configure_moe_param_groups, is_moe_param
 
 from ..config import Config
 from .groups import ParallelGroups
-
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .precision import deepspeed_precision
 
 
 def clips_in_engine(config: Config) -> bool:
@@ -17,7 +16,6 @@ def clips_in_engine(config: Config) -> bool:
 
 
 def deepspeed_config(config: Config, dp_size: int) -> dict:
-    precision = config.train.precision
     return {
         "train_batch_size": config.train.global_batch_size,
         "train_micro_batch_size_per_gpu": config.train.global_batch_size // (dp_size * config.train.grad_accum_steps),
@@ -26,25 +24,18 @@ def deepspeed_config(config: Config, dp_size: int) -> dict:
         # DeepSpeed's MoE support in ZeRO 1/2 requires contiguous gradients and reduce-scatter.
         "zero_optimization": {"stage": config.parallel.zero_stage, "contiguous_gradients": True,
                               "reduce_scatter": True},
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        **deepspeed_precision(config.train.precision),
         "steps_per_print": 2**62,  # progress is ours to print
         "wall_clock_breakdown": False,
     }
 
 
-def build_optimizer(config: Config, param_groups) -> torch.optim.Optimizer:
-    """AdamW: NVIDIA apex's fused kernel when importable on a GPU, torch's otherwise."""
+def build_optimizer(config: Config, param_groups, device: torch.device) -> torch.optim.Optimizer:
+    """torch's AdamW, with its fused kernel on a GPU (one launch per parameter group and step; it keeps
+    Adam's step per parameter, as consolidation reads it)."""
     optim = config.optim
-    kwargs = dict(lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
-    if torch.cuda.is_available():
-        try:
-            from apex.optimizers import FusedAdam
-
-            return FusedAdam(param_groups, adam_w_mode=True, **kwargs)
-        except ImportError:
-            pass
-    return torch.optim.AdamW(param_groups, **kwargs)
+    return torch.optim.AdamW(param_groups, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay,
+                             fused=device.type == "cuda" or None)
 
 
 def warmup_schedule(optimizer, warmup_steps: int):
@@ -53,19 +44,17 @@ def warmup_schedule(optimizer, warmup_steps: int):
 
 
 def build_engine(config: Config, model: torch.nn.Module, groups: ParallelGroups):
+    """(engine, lr schedule). The schedule is not DeepSpeed's to step: the trainer steps it after each
+    applied update (a skipped NaN/Inf step leaves it where it was, whichever optimizer ran)."""
     params = [p for p in model.parameters() if p.requires_grad]
     # Expert parameters get optimizer groups of their own: ZeRO partitions them within their
     # expert-data-parallel group.
     param_groups = configure_moe_param_groups(params) if any(is_moe_param(p) for p in params) else params
-    optimizer = build_optimizer(config, param_groups)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=warmup_schedule(optimizer, config.optim.warmup_steps),
-        config=deepspeed_config(config, groups.dp_size),
-        mpu=groups.mpu,
-    )
-    return engine, optimizer, scheduler
+    optimizer = build_optimizer(config, param_groups, params[0].device)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                   config=deepspeed_config(config, groups.dp_size), mpu=groups.mpu)
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # ZeRO and bf16 wrap the torch optimizer
+    return engine, warmup_schedule(optimizer, config.optim.warmup_steps)
 
 
 def grad_square_sums(model: torch.nn.Module, groups: ParallelGroups) -> dict[str, torch.Tensor]:
@@ -73,13 +62,14 @@ def grad_square_sums(model: torch.nn.Module, groups: ParallelGroups) -> dict[str
     once: replicated ones from this rank, tensor-parallel shards summed over the TP group, expert
     shards over the EP group."""
     squares = {"replicated": [], "tensor_parallel": [], "expert": []}
+    device = next(model.parameters()).device
     for param in model.parameters():
         if param.grad is None:
             continue
         kind = "expert" if is_moe_param(param) else (
             "tensor_parallel" if getattr(param, "tensor_model_parallel", False) else "replicated")
         squares[kind].append(param.grad.detach().float().pow(2).sum())
-    total = {kind: torch.stack(values).sum() if values else torch.zeros(()) for kind, values in squares.items()}
+    total = {kind: torch.stack(values).sum() if values else torch.zeros((), device=device) for kind, values in squares.items()}
     if groups.ep_size > 1:
         dist.all_reduce(total["expert"], group=groups.ep_group)
     if groups.tp_size > 1:

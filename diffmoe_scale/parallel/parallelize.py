@@ -1,5 +1,8 @@
 """Apply the configured parallelism to a plain model, from outside (as torchtitan's parallelize)."""
+import torch
+
 from ..config import Config
+from ..models import build_model
 from .expert_parallel import apply_expert_parallel
 from .groups import ParallelGroups
 
@@ -19,3 +22,11 @@ def parallelize(model, config: Config, groups: ParallelGroups):
     if config.parallel.activation_checkpointing:
         apply_activation_checkpointing(model, config.parallel.activation_checkpointing_every)
     return model
+
+
+def build_parallel_model(config: Config, groups: ParallelGroups, device: torch.device):
+    """The model with this rank's shards, all on `device`. Every rank builds the same full model from
+    the seed on the CPU first, so the shards of all ranks are slices of one model whatever the device
+    (and two calls give the same weights); the shards are cut on the device."""
+    torch.manual_seed(config.train.seed)
+    return parallelize(build_model(config).to(device), config, groups)

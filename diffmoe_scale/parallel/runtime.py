@@ -136,6 +136,19 @@ def use_this_environments_ninja() -> None:
     os.environ["PATH"] = os.pathsep.join([bin_dir, *path])
 
 
+def cuda_device_index(local_rank: int, visible: int, ranks_on_node: int) -> int:
+    """The CUDA device of this rank among the `visible` ones: its local rank where every rank of the node
+    sees all of them, device 0 where the launcher gives each rank one GPU of its own (Slurm with
+    --gpus-per-task or GPU binding, CUDA_VISIBLE_DEVICES set per rank)."""
+    if visible == 1:
+        return 0
+    if local_rank < visible and ranks_on_node <= visible:
+        return local_rank
+    raise RuntimeError(f"local rank {local_rank} of {ranks_on_node} on this node sees {visible} GPUs "
+                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): give every rank "
+                       f"all of the node's GPUs or exactly one")
+
+
 def init_runtime() -> Runtime:
     """Initialise the default process group (gloo on CPU, nccl on GPU) through DeepSpeed, under
     whichever launcher started this process (see `discover_launcher`)."""
@@ -148,8 +161,8 @@ def init_runtime() -> Runtime:
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", cuda_device_index(local_rank, torch.cuda.device_count(), processes_on_this_node()))
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
         share_cpu_cores()

@@ -36,9 +36,10 @@ def _shard(linear: nn.Linear, kind, index: torch.Tensor, config: ModelParallelCo
     layer = kind(linear.in_features, linear.out_features, config=config, init_method=nn.init.zeros_,
                  bias=True, skip_bias_add=False, **kwargs)
     column = kind is ColumnLinear
+    index = index.to(linear.weight.device)
     with torch.no_grad():
-        layer.weight.copy_(linear.weight[index] if column else linear.weight[:, index])
-        layer.bias.copy_(linear.bias[index] if column else linear.bias)
+        layer.weight.copy_(linear.weight.index_select(0 if column else 1, index))
+        layer.bias.copy_(linear.bias.index_select(0, index) if column else linear.bias)
     # megatron-core marks sharded parameters only when it initialises them itself.
     sharded = [(layer.weight, 0), (layer.bias, 0)] if column else [(layer.weight, 1)]
     for param, dim in sharded:
@@ -54,8 +55,11 @@ def _rank_slice(size: int, tp: int, rank: int) -> torch.Tensor:
 
 
 def apply_tensor_parallel(model, groups: ParallelGroups) -> None:
+    """Replace attention and dense FFN linears by their shards, made on the model's device (megatron-core
+    makes them on the current CUDA device, or on the CPU with `use_cpu_initialization`)."""
     tp, rank = groups.tp_size, parallel_state.get_tensor_model_parallel_rank()
-    config = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    config = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=on_cpu,
                                  perform_initialization=False, params_dtype=torch.float32)
     for module in list(model.modules()):
         if isinstance(module, Attention):

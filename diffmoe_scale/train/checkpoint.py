@@ -238,7 +238,7 @@ def read_ema_weights(path: Path) -> tuple[dict, dict[str, torch.Tensor], int]:
     if manifest["kind"] != CONSOLIDATED:
         raise ValueError(f"{path} is a sharded checkpoint: export its EMA weights first "
                          f"(python launch/checkpoint.py export-ema {path} --out ema.safetensors)")
-    ema = torch.load(path / CONSOLIDATED_FILE, weights_only=False)["ema"]
+    ema = torch.load(path / CONSOLIDATED_FILE, map_location="cpu", weights_only=False)["ema"]
     return manifest["config"], {plain_name(name): tensor for name, tensor in ema.items()}, manifest["step"]
 
 

@@ -1,5 +1,4 @@
 """The training loop: DeepSpeed engine, EMA, metrics, end-of-run sample grid, clean Ctrl-C."""
-import math
 import resource
 import shutil
 import time
@@ -11,21 +10,21 @@ import torch
 from ..config import Config, ConfigError, dump_config
 from ..data import ShuffledBatchSampler, build_dataset
 from ..diffusion import build_objective
-from ..models import build_model
 from ..parallel.collectives import average_over_ranks, barrier, broadcast_object, max_over_ranks
-from ..parallel.consolidate import (full_state, full_training_state, load_full_training_state, local_shard,
-                                   persistent_buffers)
-from ..parallel.engine import PRECISION_DTYPES, build_engine, clip_grad_norm_, clips_in_engine
+from ..parallel.consolidate import full_state, full_training_state, load_full_training_state, persistent_buffers
+from ..parallel.engine import build_engine
 from ..parallel.expert_parallel import apply_threshold_quantiles, rows_sent_to_other_ranks, take_pending_quantiles
 from ..parallel.groups import setup_groups
-from ..parallel.parallelize import parallelize
+from ..parallel.parallelize import build_parallel_model
+from ..parallel.precision import PRECISION_DTYPES, CastAtModelBoundary, enable_tf32
 from ..parallel.runtime import Runtime
 from ..parallel.sampling import sample_distributed
 from .capacity import CapacityByCondition
 from .checkpoint import (CONSOLIDATED_FILE, MANIFEST, SHARDED, atomic_torch_save, atomic_write_text, capture_rng,
                          code_version, config_changes, find_resumable, layout_mismatch, list_checkpoints, prune,
                          publish, rank_state_name, restore_rng, tag_for, verify)
-from .ema import EMA
+from .ema import ShardedEMA
+from .health import StepHealth, nonfinite_losses
 from .images import save_grid
 from .metrics import MetricsLog, keep_metrics_until
 from .stop import StopRequest
@@ -78,34 +77,27 @@ class Trainer:
         self.runtime = runtime
         self.out_dir = Path(config.train.out_dir)
         check_precision(config)
+        enable_tf32(config.train.tf32)
         self.groups = groups = setup_groups(config)
         self.dataset = build_dataset(config)
-        self.model = self.build_parallel_model()
-        self.ema = EMA(self.build_parallel_model(), config.train.ema_decay)
+        self.model = build_parallel_model(config, groups, runtime.device)
         self.objective = build_objective(config)
-        self.engine, _, self.scheduler = build_engine(config, self.model, groups)
+        self.engine, self.scheduler = build_engine(config, self.model, groups)
         self.dtype = PRECISION_DTYPES[config.train.precision]
+        self.forward_model = CastAtModelBoundary(self.engine, self.dtype)
+        self.ema = ShardedEMA(self.model, groups, config.train.ema_decay)
+        self.ema_model = None  # the EMA weights as a model, built when first sampled from
+        self.health = StepHealth(config, self.engine, self.model, groups)
         self.sampler = ShuffledBatchSampler(
             len(self.dataset), config.train.global_batch_size, config.train.seed, groups.dp_rank, groups.dp_size
         )
-        # Noise, timesteps and label dropout: drawn for the whole global batch (see next_rank_batch).
-        self.generator = torch.Generator(device=runtime.device).manual_seed(config.train.seed * 1000 + 1)
         self.step = 0
-        self.skipped_steps = 0  # steps whose gradients held NaN/Inf: not applied
-        self.nonfinite_in_a_row = 0
         self.saved_step = None  # step of the newest checkpoint this process wrote or resumed from
         self.run_id = broadcast_object(uuid.uuid4().hex[:12] if runtime.is_main else None)  # kept on resume
         self.weights = loss_weights(config)
         self.rows_sent_logged = 0  # all-to-all rows sent to other ranks up to the last metrics record
         self.capacity_by_condition = CapacityByCondition(config.model.num_classes, runtime.device)
         self.tokens_per_image = (config.model.input_size // config.model.patch_size) ** 2
-
-    def build_parallel_model(self):
-        """The model with this rank's shards. Every rank builds the same full model from the seed
-        first, so the shards of all ranks are slices of one model (and two calls give the same weights)."""
-        torch.manual_seed(self.config.train.seed)
-        model = build_model(self.config).to(self.runtime.device)
-        return parallelize(model, self.config, self.groups)
 
     def prepare_run_dir(self) -> None:
         if not self.runtime.is_main:
@@ -126,25 +118,28 @@ class Trainer:
               f"{config.train.precision}; run directory {self.out_dir}", flush=True)
 
     def next_rank_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """This rank's rows of the next global batch: images, labels and their random draws.
+        """This rank's rows of the next global batch: images, labels and their random draws, in fp32.
 
         Noise, timesteps and label-dropout bits are drawn for the whole global batch on every rank
-        and each rank keeps its rows, so a sample's numbers do not depend on the parallel layout."""
-        config, groups = self.config, self.groups
+        and each rank keeps its rows, so a sample's numbers do not depend on the parallel layout. They
+        come from a generator seeded by (seed, step) on the training device: no generator state to
+        save, and a checkpoint resumes the same draws on another machine of the same device type."""
+        config, groups, device = self.config, self.groups, self.runtime.device
+        generator = torch.Generator(device=device).manual_seed(config.train.seed * 2**32 + self.sampler.step)
         indices, flips = self.sampler.next_indices()
         images, labels = self.dataset.batch(indices, flips)
         size = config.model.input_size
         shape = (config.train.global_batch_size, config.model.in_channels, size, size)
-        noise, t = self.objective.draw(shape, self.generator, self.dtype)
-        drop = torch.rand(shape[0], generator=self.generator, device=self.generator.device) < config.model.class_dropout
+        noise, t = self.objective.draw(shape, generator, device=device)
+        drop = torch.rand(shape[0], generator=generator, device=device) < config.model.class_dropout
         own = slice(groups.dp_rank * len(indices), (groups.dp_rank + 1) * len(indices))
         draws = {"noise": noise[own], "t": t[own], "drop": drop[own]}
-        return images.to(self.runtime.device, self.dtype), labels.to(self.runtime.device), draws
+        return images.to(device), labels.to(device), draws
 
     def forward_backward(self, images, labels, draws: dict) -> dict[str, torch.Tensor]:
         """One micro-batch forward and backward; returns its (unweighted) losses."""
         conditioning = torch.where(draws["drop"], torch.full_like(labels, self.config.model.num_classes), labels)
-        losses = self.objective.training_losses(self.engine, images, conditioning, draws["noise"], draws["t"])
+        losses = self.objective.training_losses(self.forward_model, images, conditioning, draws["noise"], draws["t"])
         self.capacity_by_condition.add(self.model, self.objective.noise_level(draws["t"]), labels)
         total = sum(self.weights.get(name, 1.0) * value for name, value in losses.items())
         self.engine.backward(total)
@@ -154,35 +149,29 @@ class Trainer:
         """One optimizer step over this rank's rows of the global batch, in micro-batches.
 
         Returns this rank's losses (mean over its micro-batches) and the gradient norm before clipping."""
-        config, accum = self.config, self.config.train.grad_accum_steps
+        accum, health = self.config.train.grad_accum_steps, self.health
         images, labels, draws = self.next_rank_batch()
         micro = len(images) // accum
-        losses, quantiles, grad_norm = {}, 0, None
+        losses, quantiles, nonfinite = {}, 0, 0
         for i in range(accum):
             rows = slice(i * micro, (i + 1) * micro)
             micro_losses = self.forward_backward(images[rows], labels[rows], {k: v[rows] for k, v in draws.items()})
             for name, value in micro_losses.items():
                 losses[name] = losses.get(name, 0) + value.detach() / accum
+            nonfinite = nonfinite + nonfinite_losses(micro_losses)
             quantiles = quantiles + take_pending_quantiles(self.model)
-            if i == accum - 1 and not clips_in_engine(config):
-                grad_norm = clip_grad_norm_(self.model, config.optim.grad_clip, self.groups)
-                if not math.isfinite(grad_norm):
-                    self.model.zero_grad(set_to_none=True)  # the optimizer then leaves every parameter as it is
+            if i == accum - 1:
+                health.decide(nonfinite)
             self.engine.step()  # DeepSpeed steps the optimizer after the last micro-batch only
-        if grad_norm is None:
-            grad_norm = self.engine.get_global_grad_norm()  # inf where DeepSpeed skipped the step for NaN/Inf
-        grad_norm = float(grad_norm)
+        applied, grad_norm = health.outcome()
         self.step += 1
-        if math.isfinite(grad_norm):
+        if applied:
+            self.scheduler.step()
             apply_threshold_quantiles(self.model, quantiles / accum)
             self.ema.update(self.model)
-            self.nonfinite_in_a_row = 0
-        else:
-            self.skipped_steps += 1
-            self.nonfinite_in_a_row += 1
-            if self.runtime.is_main:
-                print(f"step {self.step}: NaN/Inf gradients (loss {losses['diffusion'].item():.4g} on rank 0), step "
-                      f"skipped ({self.nonfinite_in_a_row} in a row, {self.skipped_steps} in all)", flush=True)
+        elif self.runtime.is_main:
+            print(f"step {self.step}: NaN/Inf loss or gradients (loss {losses['diffusion'].item():.4g} on rank 0), "
+                  f"step skipped ({health.in_a_row} in a row, {health.skipped_steps} in all)", flush=True)
         return losses, grad_norm
 
     def train(self, resume: str = "auto") -> int:
@@ -211,13 +200,13 @@ class Trainer:
         try:
             window_start, window_steps = time.perf_counter(), 0
             while self.step < config.train.max_steps:
-                exit_code = max_over_ranks(self.stop.exit_code)  # every rank stops at the same step
+                exit_code = max_over_ranks(self.stop.exit_code, self.runtime.device)  # all stop at one step
                 if exit_code:
                     return exit_code
                 losses, grad_norm = self.train_step()
-                if self.nonfinite_in_a_row >= config.train.max_nonfinite_steps:
+                if self.health.in_a_row >= config.train.max_nonfinite_steps:
                     if self.runtime.is_main:
-                        print(f"stopping: {self.nonfinite_in_a_row} steps in a row had NaN/Inf gradients (limit "
+                        print(f"stopping: {self.health.in_a_row} steps in a row had NaN/Inf gradients (limit "
                               f"train.max_nonfinite_steps); none of them was applied, so the checkpoint now saved "
                               f"holds the last healthy weights. Lower optim.lr or set optim.grad_clip, then resume",
                               flush=True)
@@ -312,24 +301,24 @@ class Trainer:
             print(f"resuming with a changed config: {'; '.join(allowed)}", flush=True)
 
     def load_sharded(self, path: Path) -> None:
-        self.engine.load_checkpoint(str(path.parent), tag=path.name)
-        state = torch.load(path / rank_state_name(self.runtime.rank), weights_only=False)
+        self.engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
+        state = torch.load(path / rank_state_name(self.runtime.rank), map_location="cpu", weights_only=False)
         self.ema.load_state_dict(state["ema"])
         restore_rng(state["rng"])
         self.load_trainer_state(state)
 
     def trainer_state(self) -> dict:
-        """The layout-independent position: step, data position, the draws' generator, skipped steps."""
-        return {"step": self.step, "sampler": self.sampler.state_dict(), "generator": self.generator.get_state(),
-                "skipped_steps": self.skipped_steps, "nonfinite_in_a_row": self.nonfinite_in_a_row}
+        """The layout-independent position: step, data position, lr schedule, skipped steps."""
+        return {"step": self.step, "sampler": self.sampler.state_dict(), "lr_scheduler": self.scheduler.state_dict(),
+                **self.health.state_dict()}
 
     def load_trainer_state(self, state: dict) -> None:
         """See `trainer_state`. The config's optimizer settings win over the checkpoint's (a changed lr
         or warmup applies from here)."""
         self.step = state["step"]
-        self.skipped_steps, self.nonfinite_in_a_row = state["skipped_steps"], state["nonfinite_in_a_row"]
+        self.health.load_state_dict(state)
         self.sampler.load_state_dict(state["sampler"])
-        self.generator.set_state(state["generator"])
+        self.scheduler.load_state_dict(state["lr_scheduler"])
         optim = self.config.optim
         self.scheduler.base_lrs = [optim.lr] * len(self.scheduler.base_lrs)
         for group, lr_lambda in zip(self.scheduler.optimizer.param_groups, self.scheduler.lr_lambdas):
@@ -338,25 +327,21 @@ class Trainer:
 
     def consolidated_state(self) -> dict:
         """The whole training state as whole tensors (collective): what launch/checkpoint.py consolidates."""
+        ema_model = self.filled_ema_model()
         return {
             **full_training_state(self.engine, self.model, self.groups),
             "buffers": persistent_buffers(self.model),
-            "ema": {**full_state(self.ema.model, self.groups), **persistent_buffers(self.ema.model)},
-            "lr_scheduler": self.scheduler.state_dict(),
+            "ema": {**full_state(ema_model, self.groups), **persistent_buffers(ema_model)},
             "trainer": self.trainer_state(),
         }
 
     @torch.no_grad()
     def load_consolidated(self, path: Path) -> None:
-        state = torch.load(path / CONSOLIDATED_FILE, weights_only=False)
+        state = torch.load(path / CONSOLIDATED_FILE, map_location="cpu", weights_only=False)
         load_full_training_state(self.engine, self.model, self.groups, state)
         for name, buffer in persistent_buffers(self.model).items():
             buffer.copy_(state["buffers"][name])
-        for name, tensor in self.ema.model.named_parameters():
-            tensor.copy_(local_shard(tensor, state["ema"][name], self.groups))
-        for name, buffer in persistent_buffers(self.ema.model).items():
-            buffer.copy_(state["ema"][name])
-        self.scheduler.load_state_dict(state["lr_scheduler"])
+        self.ema.load_full(self.model, state["ema"])
         self.engine.global_steps = state["trainer"]["step"]
         self.load_trainer_state(state["trainer"])
 
@@ -379,13 +364,22 @@ class Trainer:
             "tokens_per_s": images_per_s * self.tokens_per_image,
             "peak_memory_mb": peak_memory_mb(self.runtime.device),
             "all_to_all_mb": a2a_bytes / window_steps / 2**20,  # this rank to the others per step, all passes
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": self.health.skipped_steps,
             **self.capacity_by_condition.take(),
         }
 
+    def filled_ema_model(self):
+        """A model (fp32, eval) holding the EMA weights of now (collective: the EMA is sharded)."""
+        if self.ema_model is None:
+            self.ema_model = build_parallel_model(self.config, self.groups, self.runtime.device)
+            self.ema_model.float().eval().requires_grad_(False)
+        self.ema.fill(self.ema_model)
+        return self.ema_model
+
     def sample_images(self, labels: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, float | None]:
         """Samples from the EMA weights (collective; see `sample_distributed`)."""
-        return sample_distributed(self.ema.model, self.objective, self.config.sample, self.groups, labels, noise)
+        model = self.filled_ema_model()
+        return sample_distributed(model, self.objective, self.config.sample, self.groups, labels, noise)
 
     def save_samples(self, path: Path) -> None:
         """One row per class of class-conditional samples from the EMA weights."""

@@ -18,6 +18,7 @@ from diffmoe_scale.parallel.collectives import all_gather  # noqa: E402
 from diffmoe_scale.parallel.consolidate import full_state  # noqa: E402
 from diffmoe_scale.parallel.engine import grad_square_sums  # noqa: E402
 from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime  # noqa: E402
+from diffmoe_scale.parallel.sampling import sample_distributed  # noqa: E402
 from diffmoe_scale.train.trainer import Trainer, capacity_stats, mean_over_ranks  # noqa: E402
 
 
@@ -107,11 +108,13 @@ def main():
     record["params"] = full_state(trainer.model, trainer.groups)
     record["thresholds"] = [gather_ranks(layer.thresholds.float()) for layer in trainer.model.moe_layers()]
     record["capacity"] = gather_ranks(torch.tensor(capacity_stats(trainer.model)[1]))
-    for layer in trainer.ema.model.moe_layers():  # mid-range thresholds: experts take different token counts
+    ema_model = trainer.filled_ema_model()
+    for layer in ema_model.moe_layers():  # mid-range thresholds: experts take different token counts
         layer.thresholds.fill_(0.5)
     labels = torch.arange(8) % config.model.num_classes
     noise = torch.randn(8, config.model.in_channels, 8, 8, generator=torch.Generator().manual_seed(5))
-    record["samples"], record["sample_c_avg"] = trainer.sample_images(labels, noise)
+    record["samples"], record["sample_c_avg"] = sample_distributed(ema_model, trainer.objective, config.sample,
+                                                                   trainer.groups, labels, noise)
     if args.checkpoint_dir:
         record["checkpoint_files"] = save_and_reload(trainer, args.checkpoint_dir)
     if runtime.is_main:

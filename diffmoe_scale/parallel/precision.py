@@ -1,0 +1,42 @@
+"""Mixed precision as production trainers do it: the transformer's matmuls in bf16, everything else fp32.
+
+DeepSpeed keeps the weights in the training dtype and fp32 masters in the optimizer's partitions; it
+accumulates and reduces gradients in fp32 (`deepspeed_precision`). The diffusion maths (draws, schedule,
+x_t, loss) stays fp32 around the model: only the model's input is cast to the training dtype and its
+prediction comes back in fp32 (`CastAtModelBoundary`, as Megatron's Float16Module does). Routing runs in
+fp32 inside the MoE layers. TF32 serves the matmuls that stay fp32 on GPUs that have it.
+"""
+import torch
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def enable_tf32(enabled: bool) -> None:
+    """TF32 for fp32 matmuls and convolutions on CUDA (Ampere and later); no effect elsewhere."""
+    precision = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+
+
+def deepspeed_precision(precision: str) -> dict:
+    """The DeepSpeed config entries of a training precision: bf16/fp16 weights with gradients accumulated
+    and reduced in fp32 (with ZeRO 1 and bf16 DeepSpeed then uses its BF16_Optimizer, with ZeRO 2 its
+    ZeRO optimizer with fp32 gradient partitions)."""
+    reduced = precision != "fp32"
+    return {
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        **({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"} if reduced else {}),
+    }
+
+
+class CastAtModelBoundary:
+    """Calls `model` with its image input in `dtype` and returns the prediction in fp32 (the auxiliary
+    losses are fp32 already). Timesteps stay fp32: the model embeds them in fp32."""
+
+    def __init__(self, model, dtype: torch.dtype):
+        self.model, self.dtype = model, dtype
+
+    def __call__(self, x, t, y):
+        prediction, losses = self.model(x.to(self.dtype), t, y)
+        return prediction.float(), losses

@@ -1,0 +1,50 @@
+"""Trains under pretend CUDA (tests/pretend_cuda.py): the real launcher-facing start-up, trainer, DeepSpeed
+engine, checkpoints, end-of-run samples and the whole-tensor state consolidation gathers, every op and
+collective checked as a GPU and NCCL would. Writes RESULT (JSON, rank 0): the exit code, the device
+the runtime chose and the host syncs counted.
+
+    torchrun --nproc_per_node 2 tests/distributed/pretend_cuda_worker.py RESULT --config C --set parallel.ep=2 ...
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from unittest import mock
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import deepspeed  # noqa: E402
+
+from diffmoe_scale.config import load_config  # noqa: E402
+from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime  # noqa: E402
+from tests.pretend_cuda import pretend_cuda  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("result")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--resume", default="auto")
+    args = parser.parse_args()
+    config = load_config(args.config, args.overrides)
+    init_distributed = deepspeed.init_distributed
+    # NCCL needs GPUs: the collectives run over gloo on the hosts, checked for CUDA tensors by the mode.
+    gloo = mock.patch.object(deepspeed, "init_distributed",
+                             lambda dist_backend=None, **kwargs: init_distributed(dist_backend="gloo", **kwargs))
+    with gloo, pretend_cuda() as mode:
+        from diffmoe_scale.train.trainer import Trainer
+
+        runtime = init_runtime()
+        trainer = Trainer(config, runtime)
+        code = trainer.train(args.resume)
+        trainer.consolidated_state()
+    if runtime.is_main:
+        Path(args.result).write_text(json.dumps({"exit_code": code, "device": str(runtime.device),
+                                                 "host_syncs": mode.host_syncs}))
+    shutdown_runtime()
+    exit_process(code)
+
+
+if __name__ == "__main__":
+    main()
