@@ -1,7 +1,7 @@
 """The training loop: DeepSpeed engine, EMA, metrics, end-of-run sample grid, clean Ctrl-C."""
 import math
+import os
 import resource
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -22,9 +22,9 @@ from ..parallel.parallelize import parallelize
 from ..parallel.runtime import Runtime
 from ..parallel.sampling import sample_distributed
 from .capacity import CapacityByCondition
-from .checkpoint import (CONSOLIDATED_FILE, MANIFEST, SHARDED, atomic_torch_save, atomic_write_text, capture_rng,
-                         code_version, config_changes, find_resumable, layout_mismatch, list_checkpoints, prune,
-                         publish, rank_state_name, restore_rng, tag_for, verify)
+from .checkpoint import (CONSOLIDATED_FILE, SHARDED, atomic_torch_save, atomic_write_text, capture_rng, code_version,
+                         config_changes, find_resumable, is_checkpoint, layout_mismatch, make_room_for, prune, publish,
+                         rank_state_name, restore_rng, set_aside, tag_for, verify)
 from .ema import EMA
 from .images import save_grid
 from .metrics import MetricsLog, keep_metrics_until
@@ -115,8 +115,8 @@ class Trainer:
         if self.saved_step is not None:
             keep_metrics_until(metrics, self.step)
         elif metrics.exists():
-            print(f"warning: {metrics} exists; starting a fresh run, its old lines are replaced", flush=True)
-            metrics.unlink()
+            print(f"warning: starting from step 0; the existing {metrics} was moved to {set_aside(metrics)}",
+                  flush=True)
         dump_config(self.config, self.out_dir / "config.yaml")
         params = sum(p.numel() for p in self.model.parameters())
         groups, config = self.groups, self.config
@@ -251,8 +251,8 @@ class Trainer:
             return
         start, root, is_main = time.perf_counter(), self.config.checkpoint_dir, self.runtime.is_main
         path = root / tag_for(self.step)
-        if is_main and path.exists():
-            shutil.rmtree(path)  # an unfinished save of this step, or one of a branch resumed before it
+        if is_main:
+            make_room_for(path)
         barrier()
         self.engine.save_checkpoint(str(root), tag=path.name, save_latest=False)
         atomic_torch_save({**self.trainer_state(), "rng": capture_rng(), "ema": self.ema.state_dict()},
@@ -272,16 +272,14 @@ class Trainer:
         fresh, setting existing checkpoints aside), or the path of a checkpoint or of a directory of them."""
         root, is_main = self.config.checkpoint_dir, self.runtime.is_main
         if request == "none":
-            if is_main and list_checkpoints(root):
-                aside = root.with_name(f"{root.name}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
-                root.rename(aside)
-                print(f"warning: starting fresh; the existing checkpoints were moved to {aside}", flush=True)
+            if is_main and os.path.lexists(root):
+                print(f"warning: starting fresh; the existing checkpoints were moved to {set_aside(root)}", flush=True)
             barrier()
             return
         path = root if request == "auto" else Path(request)
-        if request != "auto" and not path.exists():
+        if request != "auto" and not os.path.lexists(path):
             raise ConfigError(f"--resume {path}: no such checkpoint or directory")
-        if (path / MANIFEST).exists():
+        if is_checkpoint(path):
             manifest, problem = verify(path)
             if problem:
                 raise ConfigError(f"--resume {path}: {problem}")
