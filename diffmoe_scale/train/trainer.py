@@ -27,7 +27,7 @@ from .checkpoint import (CONSOLIDATED_FILE, SHARDED, atomic_torch_save, atomic_w
                          rank_state_name, restore_rng, set_aside, tag_for, verify)
 from .ema import EMA
 from .images import save_grid
-from .metrics import MetricsLog, keep_metrics_until
+from .metrics import MetricsLog, cut_metrics_after
 from .stop import StopRequest
 from .wandb_run import WandbRun
 
@@ -113,7 +113,10 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         metrics = self.out_dir / "metrics.jsonl"
         if self.saved_step is not None:
-            keep_metrics_until(metrics, self.step)
+            dropped, damaged = cut_metrics_after(metrics, self.step)
+            if dropped or damaged:
+                print(f"{metrics}: cut back to step {self.step}: dropped {dropped} later record(s) and {damaged} "
+                      f"damaged line(s) (torn, not JSON, or without a step)", flush=True)
         elif metrics.exists():
             print(f"warning: starting from step 0; the existing {metrics} was moved to {set_aside(metrics)}",
                   flush=True)
