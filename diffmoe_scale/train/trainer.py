@@ -25,6 +25,7 @@ from .capacity import CapacityByCondition
 from .checkpoint import (CONSOLIDATED_FILE, SHARDED, atomic_torch_save, atomic_write_text, capture_rng, code_version,
                          config_changes, find_resumable, is_checkpoint, layout_mismatch, make_room_for, prune, publish,
                          rank_state_name, restore_rng, set_aside, tag_for, verify)
+from .disk_space import ensure_room, reporting_write_errors
 from .ema import EMA
 from .images import save_grid
 from .metrics import MetricsLog, cut_metrics_after
@@ -32,6 +33,7 @@ from .stop import StopRequest
 from .wandb_run import WandbRun
 
 EXIT_UNHEALTHY = 3  # stopped after train.max_nonfinite_steps NaN/Inf steps in a row (not to be requeued)
+EXIT_SAVE_FAILED = 4  # a checkpoint could not be written: no room, or an I/O error (not to be requeued)
 
 def loss_weights(config: Config) -> dict[str, float]:
     """Weight of each loss term the model and objective return; anything else weighs 1."""
@@ -253,19 +255,23 @@ class Trainer:
         if self.saved_step == self.step:
             return
         start, root, is_main = time.perf_counter(), self.config.checkpoint_dir, self.runtime.is_main
-        path = root / tag_for(self.step)
+        path, retention = root / tag_for(self.step), self.config.checkpoint
         if is_main:
             make_room_for(path)
+        last = () if self.saved_step is None else (root / tag_for(self.saved_step),)
+        ensure_room(root, path, retention.keep_last, retention.keep_every, last, is_main)
         barrier()
-        self.engine.save_checkpoint(str(root), tag=path.name, save_latest=False)
-        atomic_torch_save({**self.trainer_state(), "rng": capture_rng(), "ema": self.ema.state_dict()},
-                          path / rank_state_name(self.runtime.rank))
-        barrier()
-        manifest = publish(path, self.checkpoint_meta(SHARDED))
+        with reporting_write_errors(path, self.runtime.rank):
+            self.engine.save_checkpoint(str(root), tag=path.name, save_latest=False)
+            atomic_torch_save({**self.trainer_state(), "rng": capture_rng(), "ema": self.ema.state_dict()},
+                              path / rank_state_name(self.runtime.rank))
+            barrier()
+            manifest = publish(path, self.checkpoint_meta(SHARDED))
+            if is_main:
+                atomic_write_text(root / "latest", path.name + "\n")
         self.saved_step = self.step
         if is_main:
-            atomic_write_text(root / "latest", path.name + "\n")
-            deleted = prune(root, self.config.checkpoint.keep_last, self.config.checkpoint.keep_every)
+            deleted = prune(root, retention.keep_last, retention.keep_every)
             size = sum(size for size, _ in manifest["files"].values()) / 2**20
             print(f"checkpoint: {path} ({size:.1f} MiB, {time.perf_counter() - start:.1f} s)"
                   + (f"; deleted {', '.join(p.name for p in deleted)}" if deleted else ""), flush=True)
