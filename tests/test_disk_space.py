@@ -67,6 +67,19 @@ def test_without_room_the_save_stops_naming_the_path_and_the_space(tmp_path, mon
     assert steps_left(tmp_path) == [200, 100]  # the newest complete one, and the one asked for, are never deleted
 
 
+def test_a_directory_in_the_way_that_cannot_be_moved_stops_the_save(tmp_path, monkeypatch):
+    from diffmoe_scale.train import checkpoint
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    in_the_way = write_fake_checkpoint(tmp_path, 300)  # a complete one of another branch: set aside, never deleted
+    monkeypatch.setattr(checkpoint, "set_aside", refused)
+    with pytest.raises(SaveFailed, match=f"cannot clear the way for checkpoint {in_the_way}: .*Permission denied"):
+        ensure_room(tmp_path, in_the_way, keep_last=1, keep_every=0, keep=(), is_main=True)
+    assert (in_the_way / MANIFEST).is_file()
+
+
 @pytest.mark.parametrize("size", [1, 100_000], ids=["basic_ios", "unexpected_pos"])
 def test_torch_save_refused_by_the_file_system_becomes_one_message(size, tmp_path):
     # torch.save to a path that refuses writes raises a RuntimeError without an errno; pin its two forms.

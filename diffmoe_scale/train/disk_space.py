@@ -5,7 +5,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..parallel.collectives import broadcast_object
-from .checkpoint import newest_complete, prune
+from .checkpoint import make_room_for, newest_complete, prune
 
 # What torch.save(obj, <path>) raises when the file system refuses a write (it has no errno): its zip
 # writer checks each write's position ("[enforce fail at inline_container.cc:...] unexpected pos") and
@@ -35,15 +35,20 @@ def free_bytes(path: Path) -> int:
 
 def ensure_room(root: Path, target: Path, keep_last: int, keep_every: int, keep: tuple[Path, ...],
                 is_main: bool) -> None:
-    """Before saving `target` under `root` (collective): when the file system has less free space than the
-    newest complete checkpoint took, first delete what retention deletes after this save anyway (never
-    the newest complete one, nor those in `keep`); if still short, SaveFailed on every rank."""
+    """Before saving `target` under `root` (collective): clear the way (`make_room_for`); when the file
+    system has less free space than the newest complete checkpoint took, first delete what retention
+    deletes after this save anyway (never the newest complete one, nor those in `keep`); if still short,
+    or the way cannot be cleared, SaveFailed on every rank."""
     shortfall = broadcast_object(_shortfall(root, target, keep_last, keep_every, keep) if is_main else None)
     if shortfall:
         raise SaveFailed(shortfall, collective=True)
 
 
 def _shortfall(root: Path, target: Path, keep_last: int, keep_every: int, keep: tuple[Path, ...]) -> str | None:
+    try:
+        make_room_for(target)
+    except OSError as err:
+        return f"cannot clear the way for checkpoint {target}: {err}"
     last = newest_complete(root)
     if last is None:
         return None  # nothing to size the new one by: a failing write reports itself

@@ -126,10 +126,12 @@ class RunLock:
             holder, age = found
             reason = gone_reason(holder, age)
             if reason is None:
+                elsewhere = holder.get("host") != socket.gethostname()
                 raise RunLockError(
                     f"run directory {self.path.parent} is in use by {describe(holder)} (lock {self.path}, "
-                    f"heartbeat {age:.0f} s ago): one run at a time writes there. If that run is gone, this "
-                    f"lock is taken over once its heartbeat is {STALE_AFTER_S} s old, or delete the file")
+                    f"heartbeat {age:.0f} s ago): one run at a time writes there. Stop that run first"
+                    + (f", or if its node died, start again once its heartbeat is {STALE_AFTER_S} s old (or delete "
+                       f"the lock file)" if elsewhere else ""))
             if self._take_over(holder):
                 print(f"warning: took over the lock {self.path} of {describe(holder)}: {reason}", flush=True)
         raise RunLockError(f"run directory {self.path.parent}: its lock {self.path} kept changing hands while "

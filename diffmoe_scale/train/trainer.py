@@ -23,7 +23,7 @@ from ..parallel.runtime import Runtime
 from ..parallel.sampling import sample_distributed
 from .capacity import CapacityByCondition
 from .checkpoint import (CONSOLIDATED_FILE, SHARDED, atomic_torch_save, atomic_write_text, capture_rng, code_version,
-                         config_changes, find_resumable, is_checkpoint, layout_mismatch, make_room_for, prune, publish,
+                         config_changes, find_resumable, is_checkpoint, layout_mismatch, prune, publish,
                          rank_state_name, restore_rng, set_aside, tag_for, verify)
 from .disk_space import ensure_room, reporting_write_errors
 from .ema import EMA
@@ -256,8 +256,6 @@ class Trainer:
             return
         start, root, is_main = time.perf_counter(), self.config.checkpoint_dir, self.runtime.is_main
         path, retention = root / tag_for(self.step), self.config.checkpoint
-        if is_main:
-            make_room_for(path)
         last = () if self.saved_step is None else (root / tag_for(self.saved_step),)
         ensure_room(root, path, retention.keep_last, retention.keep_every, last, is_main)
         barrier()
