@@ -59,7 +59,7 @@ def _shortfall(root: Path, target: Path, keep_last: int, keep_every: int, keep: 
     deleted = prune(root, max(keep_last - 1, 1), keep_every, keep)
     if deleted:
         print(f"checkpoint: {mib(free)} free in {root}, {mib(needed)} needed; deleted "
-              f"{', '.join(p.name for p in deleted)} before the save (retention deletes them after it)", flush=True)
+              f"{', '.join(p.name for p in deleted)} now rather than after this save, as retention would", flush=True)
         free = free_bytes(root)
     if free >= needed:
         return None
