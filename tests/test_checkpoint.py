@@ -220,7 +220,8 @@ def test_no_resume_sets_old_checkpoints_and_metrics_aside(tmp_path):
     assert len(aside) == 1 and (aside[0] / "step_00000008" / MANIFEST).is_file()
     assert (tmp_path / "checkpoints" / "step_00000008" / MANIFEST).is_file()
     old_metrics = list(tmp_path.glob("metrics.jsonl.set-aside-*"))
-    assert len(old_metrics) == 1 and f"the existing {tmp_path / 'metrics.jsonl'} was moved to {old_metrics[0]}" in output
+    assert len(old_metrics) == 1
+    assert f"the existing {tmp_path / 'metrics.jsonl'} was moved to {old_metrics[0]}" in output
     old_lrs = [json.loads(line)["lr"] for line in old_metrics[0].read_text().splitlines()]
     assert old_lrs == [pytest.approx(5e-4 * (step + 1) / 100) for step in range(1, 9)]  # the first run's records
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 9))
@@ -256,7 +257,8 @@ def test_each_verification_problem_is_named(tmp_path, monkeypatch):
     assert verify(empty)[1] == "manifest.json is malformed: no 'kind'"
     assert verify(not_json)[1].startswith("manifest.json is not JSON (Unterminated string")
     assert verify(a_list)[1] == "manifest.json is malformed: a JSON list, not an object"
-    assert verify(bad_entry)[1] == "manifest.json is malformed: the entry of weights.pt in 'files' is not [size, sha256]"
+    assert verify(bad_entry)[1] == ("manifest.json is malformed: the entry of weights.pt in 'files' is not "
+                                    "[size, sha256]")
     assert verify(differs)[1].startswith("1 file(s) differ from its manifest, e.g. weights.pt: 5 bytes")
     assert verify(bad_file)[1] == "1 file(s) unreadable, e.g. weights.pt: Input/output error"
     assert verify(bad_manifest)[1] == "manifest.json unreadable (Permission denied)"

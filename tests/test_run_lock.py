@@ -58,7 +58,8 @@ def test_a_holder_gone_from_this_host_is_taken_over(gone, tmp_path, capsys):
     path = write_lock(tmp_path, holder)
     lock = RunLock(tmp_path)
     lock.acquire()
-    reason = "this host has rebooted since" if gone == "rebooted" else f"pid {holder['pid']} is not running on this host"
+    reason = ("this host has rebooted since" if gone == "rebooted"
+              else f"pid {holder['pid']} is not running on this host")
     assert (f"warning: took over the lock {path} of pid {holder['pid']} on host {socket.gethostname()}, started "
             f"{holder['started']}: {reason}") in capsys.readouterr().out
     assert held_by(path) == lock.holder["token"]

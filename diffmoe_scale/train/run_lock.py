@@ -135,7 +135,7 @@ class RunLock:
             if self._take_over(holder):
                 print(f"warning: took over the lock {self.path} of {describe(holder)}: {reason}", flush=True)
         raise RunLockError(f"run directory {self.path.parent}: its lock {self.path} kept changing hands while "
-                               f"this run tried to take it; another run is starting there")
+                           f"this run tried to take it; another run is starting there")
 
     def _create(self) -> bool:
         """Link a whole lock file into place; False when one exists."""
