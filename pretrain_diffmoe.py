@@ -5,6 +5,7 @@
 """
 import argparse
 import sys
+from pathlib import Path
 
 from diffmoe_scale.config import ConfigError, load_config
 
@@ -15,9 +16,12 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python pretrain_diffmoe.py --config configs/digits_diffmoe_e4_flow.yaml "
         "--set train.max_steps=200 --set train.out_dir=runs/try\n\n"
-        "exit status: 0 done; 2 bad config or checkpoint that cannot resume; 3 stopped after\n"
-        "train.max_nonfinite_steps NaN/Inf steps in a row (saved); 75 stopped by SIGTERM or SIGUSR1 after saving\n"
-        "a checkpoint (requeue: the same command resumes); 130 stopped by Ctrl-C after saving",
+        "exit status: 0 done; 2 bad config, checkpoints that cannot resume, or a run directory that another\n"
+        "live run holds (its lock <out_dir>/run.lock names it); 3 stopped after train.max_nonfinite_steps\n"
+        "NaN/Inf steps in a row (saved); 4 a checkpoint could not be written (no room on its file system, or\n"
+        "an I/O error; the message names the path and the space; not to be requeued: free space, then the same\n"
+        "command resumes); 75 stopped by SIGTERM or SIGUSR1 after saving a checkpoint (requeue: the same command\n"
+        "resumes); 130 stopped by Ctrl-C after saving",
     )
     parser.add_argument("--config", required=True, help="YAML config file (see configs/ and README's config reference)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -42,14 +46,27 @@ def main(argv=None) -> int:
         return 2
     # Heavy imports only once the config is known to be good.
     from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime
-    from diffmoe_scale.train.trainer import Trainer
+    from diffmoe_scale.train.disk_space import SaveFailed
+    from diffmoe_scale.train.run_lock import RunLockError, run_directory_lock
+    from diffmoe_scale.train.trainer import EXIT_SAVE_FAILED, Trainer
 
     runtime = init_runtime()
     try:
-        code = Trainer(config, runtime).train(args.resume)
+        with run_directory_lock(Path(config.train.out_dir), runtime.is_main):
+            code = Trainer(config, runtime).train(args.resume)
     except ConfigError as err:  # raised by parts that check the config against what this build has
         print(f"config error: {err}", file=sys.stderr)
         code = 2
+    except RunLockError as err:  # raised on every rank
+        if runtime.is_main:
+            print(f"error: {err}", file=sys.stderr)
+        code = 2
+    except SaveFailed as err:
+        if runtime.is_main or not err.collective:
+            print(f"error: {err}", file=sys.stderr)
+        if not err.collective:  # the other ranks may wait inside the save: no shutdown barrier; the launcher ends them
+            exit_process(EXIT_SAVE_FAILED)
+        code = EXIT_SAVE_FAILED
     shutdown_runtime()
     exit_process(code)
 

@@ -26,9 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffmoe_scale.cli import docstring_parser  # noqa: E402
 from diffmoe_scale.config import ConfigError, config_from_dict  # noqa: E402
 from diffmoe_scale.train.checkpoint import (CONSOLIDATED, CONSOLIDATED_FILE, MANIFEST, SHARDED,  # noqa: E402
-                                            atomic_torch_save, consolidated_twin, describe_layout,
-                                            list_checkpoints, publish,
-                                            read_ema_weights, read_manifest, verify)
+                                            atomic_torch_save, consolidated_twin, describe_layout, is_checkpoint,
+                                            list_checkpoints, publish, read_ema_weights, read_manifest, verify)
 
 
 def fail(message: str) -> int:
@@ -39,7 +38,10 @@ def fail(message: str) -> int:
 def inspect(args) -> int:
     """One line per checkpoint, each verified against its manifest; exit 1 if any is unusable."""
     path = Path(args.path)
-    checkpoints = [path] if (path / MANIFEST).exists() or path.name.startswith("step_") else list_checkpoints(path)
+    try:
+        checkpoints = [path] if is_checkpoint(path) else list_checkpoints(path)
+    except ConfigError as err:
+        return fail(str(err))
     if not checkpoints:
         return fail(f"{path}: no checkpoints there")
     unusable = 0
@@ -61,9 +63,9 @@ def inspect(args) -> int:
 
 def consolidate(args) -> int:
     path = Path(args.path)
-    manifest = read_manifest(path)
-    if manifest is None:
-        return fail(f"{path}: not a checkpoint with a manifest (see `inspect`)")
+    manifest, problem = read_manifest(path)
+    if problem:
+        return fail(f"{path}: {problem}")
     if manifest["kind"] == CONSOLIDATED:
         print(f"{path} is consolidated already")
         return 0
@@ -111,9 +113,9 @@ def export_ema(args) -> int:
         return fail(f"{path}: {problem}")
     if manifest["kind"] == SHARDED:
         consolidated = consolidated_twin(path)
-        if read_manifest(consolidated) is None and consolidate(argparse.Namespace(path=str(path), out=None)):
+        if read_manifest(consolidated)[1] and consolidate(argparse.Namespace(path=str(path), out=None)):
             return fail(f"{path}: could not consolidate it")
-        path, manifest = consolidated, read_manifest(consolidated)
+        path, (manifest, _) = consolidated, read_manifest(consolidated)
     config, ema, step = read_ema_weights(path)
     metadata = {"config": json.dumps(config), "step": str(step), "run_id": manifest["run_id"],
                 "code_version": manifest["code_version"], "source": str(path)}

@@ -1,12 +1,30 @@
 """What several test files need to start runs in subprocesses and read their outputs."""
 import json
+import os
 from pathlib import Path
 
 from diffmoe_scale.parallel.runtime import environment_without_launcher as clean_env  # noqa: F401  (tests use it)
+from diffmoe_scale.train.checkpoint import MANIFEST, file_digest
 
 # The tiny ImageFolder of conftest.py: class names, and the size of each class's images.
 CLASSES = ["cat", "dog", "owl"]
 SIZES = [(20, 30), (48, 36), (33, 33), (70, 40)]  # odd, wide, tall, large
+
+
+FAKE_LAYOUT = {"world_size": 1, "tp": 1, "ep": 1, "zero_stage": 0, "precision": "fp32"}
+
+
+def write_fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
+    """A checkpoint directory with one random file and, when complete, a manifest for it."""
+    path = root / f"step_{step:08d}"
+    path.mkdir(parents=True)
+    (path / "weights.pt").write_bytes(os.urandom(64))
+    if complete:
+        manifest = {"kind": "sharded", "step": step, "layout": FAKE_LAYOUT, "run_id": "fake", "code_version": "x",
+                    "saved_at": "now", "config": {"model": {"depth": 2, "hidden_size": 8}, "moe": {"ffn": "dense"}},
+                    "files": {"weights.pt": file_digest(path / "weights.pt")}}
+        (path / MANIFEST).write_text(json.dumps(manifest))
+    return path
 
 
 def read_metrics(out_dir: Path) -> list[dict]:

@@ -1,5 +1,7 @@
 """Long runs: a run killed or preempted and resumed equals a straight run bit for bit; damaged
-checkpoints are skipped; config changes are checked; retention keeps what it should."""
+checkpoints are skipped, each with its problem named, and never deleted; config changes are checked;
+retention keeps what it should."""
+import errno
 import json
 import os
 import signal
@@ -11,9 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffmoe_scale.train.checkpoint import MANIFEST, config_changes, file_digest, find_resumable, prune, verify
+from diffmoe_scale.config import ConfigError
+from diffmoe_scale.train import checkpoint
+from diffmoe_scale.train.checkpoint import MANIFEST, config_changes, find_resumable, make_room_for, prune, verify
 from diffmoe_scale.train.stop import EXIT_PREEMPTED
-from tests.helpers import clean_env, read_metrics
+from tests.helpers import FAKE_LAYOUT, clean_env, read_metrics, write_fake_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -208,29 +212,93 @@ def test_config_changes_on_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_no_resume_sets_old_checkpoints_aside(tmp_path):
-    run(command(tmp_path, "train.max_steps=8"))
+def test_no_resume_sets_old_checkpoints_and_metrics_aside(tmp_path):
+    run(command(tmp_path, "train.max_steps=8", "optim.lr=5e-4"))
     output = run(command(tmp_path, "train.max_steps=8", resume=("--no-resume",)))
     assert "starting fresh; the existing checkpoints were moved to" in output
     aside = list(tmp_path.glob("checkpoints.set-aside-*"))
     assert len(aside) == 1 and (aside[0] / "step_00000008" / MANIFEST).is_file()
     assert (tmp_path / "checkpoints" / "step_00000008" / MANIFEST).is_file()
+    old_metrics = list(tmp_path.glob("metrics.jsonl.set-aside-*"))
+    assert len(old_metrics) == 1
+    assert f"the existing {tmp_path / 'metrics.jsonl'} was moved to {old_metrics[0]}" in output
+    old_lrs = [json.loads(line)["lr"] for line in old_metrics[0].read_text().splitlines()]
+    assert old_lrs == [pytest.approx(5e-4 * (step + 1) / 100) for step in range(1, 9)]  # the first run's records
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 9))
 
 
-FAKE_LAYOUT = {"world_size": 1, "tp": 1, "ep": 1, "zero_stage": 0, "precision": "fp32"}
+def unreadable(monkeypatch, errors: dict[Path, int]) -> None:
+    """checkpoint.py's open() fails with errors[path] for each path and everything under it, as it does for
+    a reader without permission or on a failing disk (the tests may run as root, whom file modes do not stop)."""
+    real_open = open
+
+    def guarded_open(file, *args, **kwargs):
+        for path, code in errors.items():
+            if Path(file) == path or path in Path(file).parents:
+                raise OSError(code, os.strerror(code), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "open", guarded_open, raising=False)
 
 
-def write_fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
-    """A checkpoint directory with one random file and, when complete, a manifest for it."""
-    path = root / f"step_{step:08d}"
-    path.mkdir(parents=True)
-    (path / "weights.pt").write_bytes(os.urandom(64))
-    if complete:
-        manifest = {"kind": "sharded", "step": step, "layout": FAKE_LAYOUT, "run_id": "fake", "code_version": "x",
-                    "saved_at": "now", "config": {"model": {"depth": 2, "hidden_size": 8}, "moe": {"ffn": "dense"}},
-                    "files": {"weights.pt": file_digest(path / "weights.pt")}}
-        (path / MANIFEST).write_text(json.dumps(manifest))
-    return path
+def test_each_verification_problem_is_named(tmp_path, monkeypatch):
+    unfinished = write_fake_checkpoint(tmp_path, 1, complete=False)
+    empty, not_json, a_list, bad_entry, differs, bad_file, bad_manifest, bad_dir = (
+        write_fake_checkpoint(tmp_path, step) for step in range(2, 10))
+    (empty / MANIFEST).write_text("{}")
+    (not_json / MANIFEST).write_text('{"kind": "shar')
+    (a_list / MANIFEST).write_text("[1, 2]")
+    manifest = json.loads((bad_entry / MANIFEST).read_text())
+    (bad_entry / MANIFEST).write_text(json.dumps({**manifest, "files": {"weights.pt": "abc"}}))
+    (differs / "weights.pt").write_bytes(b"short")
+    unreadable(monkeypatch, {bad_file / "weights.pt": errno.EIO, bad_manifest / MANIFEST: errno.EACCES,
+                             bad_dir: errno.EACCES})
+    assert verify(unfinished)[1] == "no manifest.json (its save did not finish)"
+    assert verify(empty)[1] == "manifest.json is malformed: no 'kind'"
+    assert verify(not_json)[1].startswith("manifest.json is not JSON (Unterminated string")
+    assert verify(a_list)[1] == "manifest.json is malformed: a JSON list, not an object"
+    assert verify(bad_entry)[1] == ("manifest.json is malformed: the entry of weights.pt in 'files' is not "
+                                    "[size, sha256]")
+    assert verify(differs)[1].startswith("1 file(s) differ from its manifest, e.g. weights.pt: 5 bytes")
+    assert verify(bad_file)[1] == "1 file(s) unreadable, e.g. weights.pt: Input/output error"
+    assert verify(bad_manifest)[1] == "manifest.json unreadable (Permission denied)"
+    assert verify(bad_dir)[1] == "manifest.json unreadable (Permission denied)"
+
+
+def test_auto_resume_refuses_unless_every_checkpoint_verifies_or_none_was_ever_completed(tmp_path, monkeypatch):
+    unfinished = write_fake_checkpoint(tmp_path, 16, complete=False)
+    assert find_resumable(tmp_path, FAKE_LAYOUT) is None  # killed in its first save: nothing was ever complete
+    (tmp_path / "latest").write_text("step_00000008\n")  # ... but here one was, and is gone now
+    with pytest.raises(ConfigError, match=r"none of its 1 checkpoints can be resumed: step_00000016: no manifest"):
+        find_resumable(tmp_path, FAKE_LAYOUT)
+    (tmp_path / "latest").unlink()
+    empty = write_fake_checkpoint(tmp_path, 8)
+    (empty / MANIFEST).write_text("{}")
+    unreadable(monkeypatch, {write_fake_checkpoint(tmp_path, 4): errno.EACCES})
+    with pytest.raises(ConfigError) as refused:
+        find_resumable(tmp_path, FAKE_LAYOUT)
+    assert str(refused.value).startswith(
+        f"{tmp_path}: none of its 3 checkpoints can be resumed: {unfinished.name}: no manifest.json (its save did "
+        f"not finish); step_00000008: manifest.json is malformed: no 'kind'; step_00000004: manifest.json "
+        f"unreadable (Permission denied). ")
+    assert "--no-resume" in str(refused.value)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000004", "step_00000008", "step_00000016"]
+
+
+def test_retention_and_the_same_step_cleanup_delete_only_what_they_can_read(tmp_path, monkeypatch):
+    unreadable_old, *_ = (write_fake_checkpoint(tmp_path, step) for step in (100, 200, 300))
+    unreadable(monkeypatch, {unreadable_old: errno.EACCES})
+    assert prune(tmp_path, keep_last=1, keep_every=0) == [tmp_path / "step_00000200"]
+    assert unreadable_old.is_dir()
+    # Before a save into step_<n>: an unfinished save is deleted, anything else is set aside.
+    unfinished = write_fake_checkpoint(tmp_path, 400, complete=False)
+    make_room_for(unfinished)
+    make_room_for(tmp_path / "step_00000300")
+    make_room_for(unreadable_old)
+    assert not unfinished.exists()
+    assert sorted(p.name.split(".set-aside-")[0] for p in tmp_path.glob("*.set-aside-*")) == [
+        "step_00000100", "step_00000300"]
+    assert checkpoint.list_checkpoints(tmp_path) == []
 
 
 def test_flipped_byte_and_missing_manifest_make_a_checkpoint_unusable(tmp_path):
@@ -331,11 +399,33 @@ def test_export_ema_gathers_every_shard_into_the_plain_model(tmp_path):
     assert torch.equal(exported["blocks.1.ffn.router.weight"], shards[0]["blocks.1.ffn.deepspeed_moe.router.weight"])
 
 
-def test_inspect_lists_checkpoints_and_flags_a_damaged_one(tmp_path):
+def test_inspect_lists_checkpoints_and_names_each_problem(tmp_path):
     write_fake_checkpoint(tmp_path, 8)
     damaged = write_fake_checkpoint(tmp_path, 16)
     (damaged / "weights.pt").write_bytes(b"short")
+    empty = write_fake_checkpoint(tmp_path, 24)
+    (empty / MANIFEST).write_text("{}")
+    unfinished = write_fake_checkpoint(tmp_path, 32, complete=False)
     result = subprocess.run([sys.executable, "launch/checkpoint.py", "inspect", str(tmp_path)], cwd=REPO,
                             capture_output=True, text=True, env=clean_env())
-    assert result.returncode == 1
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert f"{damaged}: UNUSABLE: 1 file(s) differ from its manifest, e.g. weights.pt: 5 bytes" in result.stdout
+    assert f"{empty}: UNUSABLE: manifest.json is malformed: no 'kind'" in result.stdout
+    assert f"{unfinished}: UNUSABLE: no manifest.json (its save did not finish)" in result.stdout
+    assert f"{tmp_path / 'step_00000008'}: sharded, step 8" in result.stdout
+
+
+def test_auto_resume_over_unverifiable_checkpoints_exits_2_and_changes_nothing(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    empty, damaged = write_fake_checkpoint(checkpoints, 8), write_fake_checkpoint(checkpoints, 16)
+    (empty / MANIFEST).write_text("{}")
+    (damaged / "weights.pt").write_bytes(b"short")
+    (checkpoints / "latest").write_text("step_00000016\n")
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 17)))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    output = run(command(tmp_path, "train.max_steps=4"), expected=2)
+    assert (f"config error: {checkpoints}: none of its 2 checkpoints can be resumed: step_00000016: 1 file(s) differ "
+            f"from its manifest, e.g. weights.pt: 5 bytes") in output
+    assert "step_00000008: manifest.json is malformed: no 'kind'" in output
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before

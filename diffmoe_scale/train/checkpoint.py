@@ -10,7 +10,8 @@
 A checkpoint counts only once its manifest.json exists and every file it lists has the recorded
 size and SHA-256: the manifest is written last, after every rank has finished writing and the files
 have been read back. `publish`, `verify`, `find_resumable` and `digest_files` are collective (every
-rank calls them); `prune` is rank 0's alone.
+rank calls them); `prune` and `make_room_for` are rank 0's alone. Nothing here deletes a directory it
+cannot read: what it cannot judge is set aside (renamed), never removed.
 """
 import hashlib
 import json
@@ -19,6 +20,7 @@ import random
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy
@@ -89,27 +91,77 @@ def file_digest(path: Path) -> list:
     return [path.stat().st_size, sha.hexdigest()]
 
 
-def digest_files(directory: Path, names: list[str]) -> dict[str, list | None]:
-    """name -> [size, sha256] (None when missing); the reading is split over the ranks."""
+def _digest_or_problem(path: Path) -> list | str | None:
+    """`file_digest`, None when the file is missing, or why it cannot be read (permission, I/O)."""
+    try:
+        return file_digest(path)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        return err.strerror or str(err)
+
+
+def digest_files(directory: Path, names: list[str]) -> dict[str, list | str | None]:
+    """name -> [size, sha256], None when missing, or a string saying why it cannot be read; the reading
+    is split over the ranks."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    mine = {name: file_digest(directory / name) if (directory / name).is_file() else None
-            for name in names[_rank()::world]}
+    mine = {name: _digest_or_problem(directory / name) for name in names[_rank()::world]}
     return {name: digest for part in all_gather_objects(mine) for name, digest in part.items()}
 
 
-def read_manifest(checkpoint: Path) -> dict | None:
+NO_MANIFEST = "no manifest.json (its save did not finish)"
+_MANIFEST_KEYS = {"kind": str, "step": int, "run_id": str, "code_version": str, "saved_at": str, "layout": dict,
+                  "config": dict, "files": dict}
+
+
+def _malformed(manifest) -> str | None:
+    """What makes a parsed manifest unusable, or None."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    for key, kind in _MANIFEST_KEYS.items():
+        if not isinstance(manifest.get(key), kind):
+            return f"no {key!r}" if key not in manifest else f"{key!r} is not a {kind.__name__}"
+    if manifest["kind"] not in (SHARDED, CONSOLIDATED):
+        return f"unknown kind {manifest['kind']!r}"
+    missing = {"world_size", "tp", "ep", "zero_stage", "precision"} - manifest["layout"].keys()
+    if missing:
+        return f"'layout' has no {', '.join(sorted(missing))}"
+    if not all(isinstance(manifest["config"].get(section), dict) for section in ("model", "moe")) or not all(
+            isinstance(section, dict) for section in manifest["config"].values()):
+        return "'config' is not a config's sections (model, moe, ...)"
+    for name, digest in manifest["files"].items():
+        if not (isinstance(digest, list) and len(digest) == 2 and isinstance(digest[0], int)
+                and isinstance(digest[1], str)):
+            return f"the entry of {name} in 'files' is not [size, sha256]"
+    return None
+
+
+def read_manifest(checkpoint: Path) -> tuple[dict | None, str | None]:
+    """(manifest, None), or (None, why there is no usable one: missing, unreadable, malformed)."""
     try:
-        return json.loads((checkpoint / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
+        with open(checkpoint / MANIFEST, "rb") as file:
+            manifest = json.loads(file.read())
+    except FileNotFoundError:
+        return None, NO_MANIFEST
+    except OSError as err:
+        return None, f"manifest.json unreadable ({err.strerror or err})"
+    except ValueError as err:
+        return None, f"manifest.json is not JSON ({err})"
+    problem = _malformed(manifest)
+    return (None, f"manifest.json is malformed: {problem}") if problem else (manifest, None)
 
 
 def publish(checkpoint: Path, meta: dict) -> dict:
     """Read back every file of a written checkpoint and write its manifest: from then on it counts.
-    Returns the manifest."""
+    Returns the manifest; an OSError when a file cannot be read back."""
     names = broadcast_object(sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file())
                              if _is_main() else None)
-    manifest = {**meta, "files": digest_files(checkpoint, names)}
+    files = digest_files(checkpoint, names)
+    unreadable = {name: digest for name, digest in files.items() if not isinstance(digest, list)}
+    if unreadable:
+        name, problem = next(iter(unreadable.items()))
+        raise OSError(f"{checkpoint / name}: cannot read it back ({problem or 'missing'})")
+    manifest = {**meta, "files": files}
     if _is_main():
         atomic_write_text(checkpoint / MANIFEST, json.dumps(manifest, indent=1))
     barrier()
@@ -118,11 +170,14 @@ def publish(checkpoint: Path, meta: dict) -> dict:
 
 def verify(checkpoint: Path) -> tuple[dict | None, str | None]:
     """(manifest, None) when the checkpoint is complete and intact, else (None, what is wrong)."""
-    manifest = broadcast_object(read_manifest(checkpoint) if _is_main() else None)
-    if manifest is None:
-        return None, "no readable manifest.json (its save did not finish)"
+    manifest, problem = broadcast_object(read_manifest(checkpoint) if _is_main() else None)
+    if problem:
+        return None, problem
     expected = manifest["files"]
     actual = digest_files(checkpoint, sorted(expected))
+    unreadable = [name for name in sorted(expected) if isinstance(actual[name], str)]
+    if unreadable:
+        return None, f"{len(unreadable)} file(s) unreadable, e.g. {unreadable[0]}: {actual[unreadable[0]]}"
     wrong = [name for name in sorted(expected) if actual[name] != expected[name]]
     if not wrong:
         return manifest, None
@@ -132,45 +187,124 @@ def verify(checkpoint: Path) -> tuple[dict | None, str | None]:
                   f"expected {expected[name][0]} bytes, sha256 {expected[name][1][:12]}")
 
 
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` names one checkpoint (rather than a directory of them), readable or not."""
+    return bool(_NAME.match(path.name)) or os.path.lexists(path / MANIFEST)
+
+
 def list_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint directories under `root`, newest step first; at one step the sharded one first."""
-    if not root.is_dir():
+    """Checkpoint directories under `root`, newest step first; at one step the sharded one first.
+    A ConfigError when `root` cannot be listed."""
+    try:
+        found = [(int(m.group(1)), bool(m.group(2)), p) for p in root.iterdir()
+                 if (m := _NAME.match(p.name)) and p.is_dir()]
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    found = [(int(m.group(1)), bool(m.group(2)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    except OSError as err:
+        raise ConfigError(f"{root}: cannot list its checkpoints ({err.strerror or err})") from err
     return [p for _, _, p in sorted(found, key=lambda item: (-item[0], item[1]))]
 
 
-def prune(root: Path, keep_last: int, keep_every: int) -> list[Path]:
+def newest_complete(root: Path) -> tuple[Path, dict] | None:
+    """The newest sharded checkpoint with a usable manifest (its files are not read) and that manifest."""
+    for path in list_checkpoints(root):
+        manifest, problem = read_manifest(path)
+        if not problem and manifest["kind"] == SHARDED:
+            return path, manifest
+    return None
+
+
+def prune(root: Path, keep_last: int, keep_every: int, keep: tuple[Path, ...] = ()) -> list[Path]:
     """Delete sharded checkpoints outside the retention rule (the newest `keep_last` complete ones,
-    and every one whose step is a multiple of `keep_every`); returns what it deleted."""
-    complete = [p for p in list_checkpoints(root) if _NAME.match(p.name).group(2) is None and (p / MANIFEST).exists()]
-    keep = set(complete[:keep_last])
+    every one whose step is a multiple of `keep_every`, and those in `keep`); returns what it deleted.
+    Only checkpoints whose manifest reads back are candidates: what cannot be read is never deleted."""
+    complete = [p for p in list_checkpoints(root) if _NAME.match(p.name).group(2) is None
+                and read_manifest(p)[1] is None]
+    kept = set(complete[:keep_last]) | set(keep)
     if keep_every:
-        keep |= {p for p in complete if int(_NAME.match(p.name).group(1)) % keep_every == 0}
-    deleted = [p for p in complete if p not in keep]
-    for path in deleted:
-        (path / MANIFEST).unlink()  # first, so a half-deleted checkpoint never looks complete
-        shutil.rmtree(path)
+        kept |= {p for p in complete if int(_NAME.match(p.name).group(1)) % keep_every == 0}
+    deleted = []
+    for path in complete:
+        if path in kept:
+            continue
+        try:
+            (path / MANIFEST).unlink()  # first, so a half-deleted checkpoint never looks complete
+            deleted.append(path)
+            shutil.rmtree(path)
+        except OSError as err:
+            print(f"warning: retention could not delete {path}: {err}", flush=True)
     return deleted
 
 
+def set_aside(path: Path) -> Path:
+    """Rename `path` to `<name>.set-aside-<time>` beside it (deleting nothing); returns the new path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = path.with_name(f"{path.name}.set-aside-{stamp}")
+    number = 1
+    while os.path.lexists(aside):
+        number += 1
+        aside = path.with_name(f"{path.name}.set-aside-{stamp}-{number}")
+    path.rename(aside)
+    return aside
+
+
+def make_room_for(path: Path) -> None:
+    """Clear the way for a save into `path`: an unfinished save there (no manifest) is deleted; anything
+    else (a complete checkpoint of a branch resumed before it, or one that cannot be read) is set aside."""
+    if not os.path.lexists(path):
+        return
+    if read_manifest(path)[1] == NO_MANIFEST:
+        try:
+            shutil.rmtree(path)
+            return
+        except OSError:
+            pass  # something in it cannot be deleted: set the rest aside
+    aside = set_aside(path)
+    print(f"warning: {path} is in the way of this step's checkpoint and is not an unfinished save that can be "
+          f"deleted; moved it to {aside}", flush=True)
+
+
 def find_resumable(root: Path, layout: dict) -> tuple[Path, dict] | None:
-    """The newest intact checkpoint this layout can resume from, skipping damaged ones with a warning.
+    """The newest intact checkpoint this layout can resume from, skipping damaged ones with a warning;
+    None when `root` holds none.
 
     A sharded checkpoint resumes only into the parallel layout that wrote it; when the newest intact
-    one has another layout and no consolidated twin, that is an error naming the way out."""
-    candidates = broadcast_object(list_checkpoints(root) if _is_main() else None)
+    one has another layout and no consolidated twin, that is an error naming the way out. When none
+    verifies, that is an error listing each one's problem, unless they are all saves that never finished
+    in a directory where no checkpoint was ever published (no `latest`): a run killed in its first save."""
+    candidates, listing_error = broadcast_object(_listing(root) if _is_main() else None)
+    if listing_error:
+        raise ConfigError(listing_error)
+    damaged = []
     for path in candidates:
         manifest, problem = verify(path)
         if problem:
-            if _is_main():
-                print(f"warning: skipping checkpoint {path}: {problem}", flush=True)
+            damaged.append((path, problem))
             continue
+        if _is_main():
+            for skipped, why in damaged:
+                print(f"warning: skipping checkpoint {skipped}: {why}", flush=True)
         if manifest["kind"] == CONSOLIDATED or manifest["layout"] == layout:
             return path, manifest
         if consolidated_twin(path) not in candidates:
             raise ConfigError(layout_mismatch(path, manifest["layout"], layout))
+    problems = "; ".join(f"{path.name}: {why}" for path, why in damaged)
+    published = broadcast_object(os.path.lexists(root / "latest") if _is_main() else None)
+    if damaged and (published or any(why != NO_MANIFEST for _, why in damaged)):
+        raise ConfigError(f"{root}: none of its {len(damaged)} checkpoints can be resumed: {problems}. Repair or "
+                          f"remove them, resume one by path (--resume PATH), or start over with --no-resume, "
+                          f"which moves them aside and deletes nothing")
+    if damaged and _is_main():
+        print(f"warning: no checkpoint under {root} was ever completed ({problems}); starting from step 0", flush=True)
     return None
+
+
+def _listing(root: Path) -> tuple[list[Path], str | None]:
+    """(`list_checkpoints`, None), or ([], its error message): a form that can be broadcast."""
+    try:
+        return list_checkpoints(root), None
+    except ConfigError as err:
+        return [], str(err)
 
 
 def layout_mismatch(path: Path, saved: dict, current: dict) -> str:
@@ -232,9 +366,9 @@ def read_ema_weights(path: Path) -> tuple[dict, dict[str, torch.Tensor], int]:
                 raise ValueError(f"{path}: no config in its metadata (not written by launch/checkpoint.py export-ema)")
             tensors = {name: file.get_tensor(name) for name in file.keys()}
         return json.loads(metadata["config"]), tensors, int(metadata["step"])
-    manifest = read_manifest(path)
-    if manifest is None:
-        raise ValueError(f"{path}: neither an exported EMA file nor a checkpoint with a manifest")
+    manifest, problem = read_manifest(path)
+    if problem:
+        raise ValueError(f"{path}: neither an exported EMA file nor a usable checkpoint ({problem})")
     if manifest["kind"] != CONSOLIDATED:
         raise ValueError(f"{path} is a sharded checkpoint: export its EMA weights first "
                          f"(python launch/checkpoint.py export-ema {path} --out ema.safetensors)")

@@ -1,5 +1,6 @@
 """Metrics: one JSON object per logged step in metrics.jsonl, and a progress line on stdout."""
 import json
+import os
 import time
 from pathlib import Path
 
@@ -10,20 +11,59 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def keep_metrics_until(path: Path, step: int) -> None:
-    """Drop the records after `step` (written by a run that died before its next checkpoint), so a
-    resumed run's file reads as one straight run."""
+def cut_metrics_after(path: Path, step: int, block: int = 1 << 16) -> tuple[int, int]:
+    """Drop the lines after the last record of a step <= `step` (written by a run that died before its
+    next checkpoint), so a resumed run's file reads as one straight run. Returns (records dropped,
+    damaged lines dropped: torn, not JSON, not an object, or without a step).
+
+    The file is read backwards from its end only as far as the cut, and cut by one truncate: a kill at
+    any moment leaves it either whole or cut, and the work is proportional to what is cut."""
     if not path.exists():
-        return
-    records = [_parse(line) for line in path.read_text().splitlines()]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records if r is not None and r["step"] <= step))
+        return 0, 0
+    dropped = damaged = 0
+    with open(path, "r+b") as file:
+        end = file.seek(0, os.SEEK_END)
+        cut = end
+        for start, line in _lines_backwards(file, end, block):
+            if start == end:
+                continue  # the empty remainder after the file's final newline
+            record_step = _step_of(line)
+            if record_step is not None and record_step <= step:
+                break
+            cut = start
+            dropped, damaged = (dropped + 1, damaged) if record_step is not None else (dropped, damaged + 1)
+        if cut < end:
+            file.truncate(cut)
+            os.fsync(file.fileno())
+    return dropped, damaged
 
 
-def _parse(line: str) -> dict | None:
+def _lines_backwards(file, end: int, block: int):
+    """(offset, line without its newline) of the file's lines from the last to the first, reading
+    `block` bytes at a time from the end."""
+    position, head = end, b""  # head: the bytes from `position` to the first newline after it
+    while position > 0:
+        size = min(block, position)
+        position -= size
+        file.seek(position)
+        lines = (file.read(size) + head).split(b"\n")
+        head, offset = lines[0], position + len(lines[0])
+        complete = []
+        for line in lines[1:]:
+            complete.append((offset + 1, line))
+            offset += 1 + len(line)
+        yield from reversed(complete)
+    yield 0, head
+
+
+def _step_of(line: bytes) -> int | None:
+    """The step of a metrics record, or None for a damaged line."""
     try:
-        return json.loads(line)
+        record = json.loads(line)
     except ValueError:
-        return None  # a line torn by a crash
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 class MetricsLog:

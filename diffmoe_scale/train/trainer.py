@@ -1,6 +1,6 @@
 """The training loop: DeepSpeed engine, EMA, metrics, end-of-run sample grid, clean Ctrl-C."""
+import os
 import resource
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -20,17 +20,19 @@ from ..parallel.precision import PRECISION_DTYPES, CastAtModelBoundary, enable_t
 from ..parallel.runtime import Runtime
 from ..parallel.sampling import sample_distributed
 from .capacity import CapacityByCondition
-from .checkpoint import (CONSOLIDATED_FILE, MANIFEST, SHARDED, atomic_torch_save, atomic_write_text, capture_rng,
-                         code_version, config_changes, find_resumable, layout_mismatch, list_checkpoints, prune,
-                         publish, rank_state_name, restore_rng, tag_for, verify)
+from .checkpoint import (CONSOLIDATED_FILE, SHARDED, atomic_torch_save, atomic_write_text, capture_rng, code_version,
+                         config_changes, find_resumable, is_checkpoint, layout_mismatch, prune, publish,
+                         rank_state_name, restore_rng, set_aside, tag_for, verify)
+from .disk_space import ensure_room, reporting_write_errors
 from .ema import ShardedEMA
 from .health import StepHealth, nonfinite_losses
 from .images import save_grid
-from .metrics import MetricsLog, keep_metrics_until
+from .metrics import MetricsLog, cut_metrics_after
 from .stop import StopRequest
 from .wandb_run import WandbRun
 
 EXIT_UNHEALTHY = 3  # stopped after train.max_nonfinite_steps NaN/Inf steps in a row (not to be requeued)
+EXIT_SAVE_FAILED = 4  # a checkpoint could not be written: no room, or an I/O error (not to be requeued)
 
 def loss_weights(config: Config) -> dict[str, float]:
     """Weight of each loss term the model and objective return; anything else weighs 1."""
@@ -105,10 +107,13 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         metrics = self.out_dir / "metrics.jsonl"
         if self.saved_step is not None:
-            keep_metrics_until(metrics, self.step)
+            dropped, damaged = cut_metrics_after(metrics, self.step)
+            if dropped or damaged:
+                print(f"{metrics}: cut back to step {self.step}: dropped {dropped} later record(s) and {damaged} "
+                      f"damaged line(s) (torn, not JSON, or without a step)", flush=True)
         elif metrics.exists():
-            print(f"warning: {metrics} exists; starting a fresh run, its old lines are replaced", flush=True)
-            metrics.unlink()
+            print(f"warning: starting from step 0; the existing {metrics} was moved to {set_aside(metrics)}",
+                  flush=True)
         dump_config(self.config, self.out_dir / "config.yaml")
         params = sum(p.numel() for p in self.model.parameters())
         groups, config = self.groups, self.config
@@ -239,19 +244,21 @@ class Trainer:
         if self.saved_step == self.step:
             return
         start, root, is_main = time.perf_counter(), self.config.checkpoint_dir, self.runtime.is_main
-        path = root / tag_for(self.step)
-        if is_main and path.exists():
-            shutil.rmtree(path)  # an unfinished save of this step, or one of a branch resumed before it
+        path, retention = root / tag_for(self.step), self.config.checkpoint
+        last = () if self.saved_step is None else (root / tag_for(self.saved_step),)
+        ensure_room(root, path, retention.keep_last, retention.keep_every, last, is_main)
         barrier()
-        self.engine.save_checkpoint(str(root), tag=path.name, save_latest=False)
-        atomic_torch_save({**self.trainer_state(), "rng": capture_rng(), "ema": self.ema.state_dict()},
-                          path / rank_state_name(self.runtime.rank))
-        barrier()
-        manifest = publish(path, self.checkpoint_meta(SHARDED))
+        with reporting_write_errors(path, self.runtime.rank):
+            self.engine.save_checkpoint(str(root), tag=path.name, save_latest=False)
+            atomic_torch_save({**self.trainer_state(), "rng": capture_rng(), "ema": self.ema.state_dict()},
+                              path / rank_state_name(self.runtime.rank))
+            barrier()
+            manifest = publish(path, self.checkpoint_meta(SHARDED))
+            if is_main:
+                atomic_write_text(root / "latest", path.name + "\n")
         self.saved_step = self.step
         if is_main:
-            atomic_write_text(root / "latest", path.name + "\n")
-            deleted = prune(root, self.config.checkpoint.keep_last, self.config.checkpoint.keep_every)
+            deleted = prune(root, retention.keep_last, retention.keep_every)
             size = sum(size for size, _ in manifest["files"].values()) / 2**20
             print(f"checkpoint: {path} ({size:.1f} MiB, {time.perf_counter() - start:.1f} s)"
                   + (f"; deleted {', '.join(p.name for p in deleted)}" if deleted else ""), flush=True)
@@ -261,16 +268,14 @@ class Trainer:
         fresh, setting existing checkpoints aside), or the path of a checkpoint or of a directory of them."""
         root, is_main = self.config.checkpoint_dir, self.runtime.is_main
         if request == "none":
-            if is_main and list_checkpoints(root):
-                aside = root.with_name(f"{root.name}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
-                root.rename(aside)
-                print(f"warning: starting fresh; the existing checkpoints were moved to {aside}", flush=True)
+            if is_main and os.path.lexists(root):
+                print(f"warning: starting fresh; the existing checkpoints were moved to {set_aside(root)}", flush=True)
             barrier()
             return
         path = root if request == "auto" else Path(request)
-        if request != "auto" and not path.exists():
+        if request != "auto" and not os.path.lexists(path):
             raise ConfigError(f"--resume {path}: no such checkpoint or directory")
-        if (path / MANIFEST).exists():
+        if is_checkpoint(path):
             manifest, problem = verify(path)
             if problem:
                 raise ConfigError(f"--resume {path}: {problem}")
