@@ -23,7 +23,7 @@ def parse_args(argv=None):
         "command resumes); 75 stopped by SIGTERM or SIGUSR1 after saving a checkpoint (requeue: the same command\n"
         "resumes); 130 stopped by Ctrl-C after saving",
     )
-    parser.add_argument("--config", required=True, help="YAML config file (see configs/ and README's config reference)")
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/ and docs/configuration.md)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (YAML syntax for the value); repeatable")
     resume = parser.add_mutually_exclusive_group()

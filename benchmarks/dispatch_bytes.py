@@ -33,12 +33,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from diffmoe_scale.cli import docstring_parser
 
-import spawn  # noqa: E402
-from moe_layer import deepspeed_top1  # noqa: E402
-from diffmoe_scale.cli import docstring_parser  # noqa: E402
+import spawn
+from moe_layer import deepspeed_top1
+
+REPO = Path(__file__).resolve().parents[1]
 
 RANKS = 2
 

@@ -30,18 +30,15 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffmoe_scale.cli import docstring_parser  # noqa: E402
-from diffmoe_scale.config import MODEL_SIZES  # noqa: E402
-from diffmoe_scale.models import DiffMoELayer, FeedForward  # noqa: E402
-from diffmoe_scale.parallel.runtime import init_runtime, keep_freed_cpu_memory  # noqa: E402
+from diffmoe_scale.cli import docstring_parser
+from diffmoe_scale.config import MODEL_SIZES
+from diffmoe_scale.models import DiffMoELayer, FeedForward
+from diffmoe_scale.parallel.runtime import init_runtime, keep_freed_cpu_memory
 
 BASELINES = ("dense", "dense_predictor", "deepspeed", "loop")
 DEFAULT_CASES = {"S": (2048, 8192, 16384), "B": (2048, 8192)}

@@ -2,9 +2,7 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffmoe_scale.parallel.runtime import environment_without_launcher  # noqa: E402
+from diffmoe_scale.parallel.runtime import environment_without_launcher
 
 
 def command(processes: int, args: list[str]) -> list[str]:

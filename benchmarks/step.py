@@ -32,11 +32,11 @@ import threading
 from multiprocessing.connection import Listener
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from diffmoe_scale.cli import docstring_parser
 
-import spawn  # noqa: E402
-from diffmoe_scale.cli import docstring_parser  # noqa: E402
+import spawn
+
+REPO = Path(__file__).resolve().parents[1]
 
 DIGITS = "configs/digits_diffmoe_e4_flow.yaml"
 CONFIGS = {

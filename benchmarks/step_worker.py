@@ -11,17 +11,13 @@ the one being timed.
 """
 import argparse
 import os
-import sys
 import time
 from multiprocessing.connection import Client
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffmoe_scale.config import load_config  # noqa: E402
-from diffmoe_scale.parallel.collectives import barrier, broadcast_object, max_over_ranks  # noqa: E402
-from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime  # noqa: E402
-from diffmoe_scale.train.trainer import Trainer, peak_memory_mb  # noqa: E402
+from diffmoe_scale.config import load_config
+from diffmoe_scale.parallel.collectives import barrier, broadcast_object, max_over_ranks
+from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime
+from diffmoe_scale.train.trainer import Trainer, peak_memory_mb
 
 
 def time_steps(trainer: Trainer, steps: int) -> dict:

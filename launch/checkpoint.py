@@ -21,13 +21,11 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffmoe_scale.cli import docstring_parser  # noqa: E402
-from diffmoe_scale.config import ConfigError, config_from_dict  # noqa: E402
-from diffmoe_scale.train.checkpoint import (CONSOLIDATED, CONSOLIDATED_FILE, MANIFEST, SHARDED,  # noqa: E402
-                                            atomic_torch_save, consolidated_twin, describe_layout, is_checkpoint,
-                                            list_checkpoints, publish, read_ema_weights, read_manifest, verify)
+from diffmoe_scale.cli import docstring_parser
+from diffmoe_scale.config import ConfigError, config_from_dict
+from diffmoe_scale.train.checkpoint import (CONSOLIDATED, CONSOLIDATED_FILE, MANIFEST, SHARDED, atomic_torch_save,
+                                            consolidated_twin, describe_layout, is_checkpoint, list_checkpoints,
+                                            publish, read_ema_weights, read_manifest, verify)
 
 
 def fail(message: str) -> int:

@@ -23,13 +23,10 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffmoe_scale.cli import docstring_parser  # noqa: E402
-from diffmoe_scale.config import ConfigError, load_config  # noqa: E402
-from diffmoe_scale.estimate import ATTENTION_BACKENDS, PARAMETER_KINDS, estimate, layout_of  # noqa: E402
+from diffmoe_scale.cli import docstring_parser
+from diffmoe_scale.config import ConfigError, load_config
+from diffmoe_scale.estimate import ATTENTION_BACKENDS, PARAMETER_KINDS, estimate, layout_of
 
 GIB = 2**30
 MEMORY_ROWS = {"parameters": "parameters", "gradients": "gradients", "reduce_bucket": "ZeRO reduce bucket",

@@ -16,11 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffmoe_scale.cli import docstring_parser  # noqa: E402
-from diffmoe_scale.eval.evaluators import DigitsEvaluator, InceptionEvaluator  # noqa: E402
-from diffmoe_scale.eval.fid import feature_statistics, save_statistics  # noqa: E402
+from diffmoe_scale.cli import docstring_parser
+from diffmoe_scale.eval.evaluators import DigitsEvaluator, InceptionEvaluator
+from diffmoe_scale.eval.fid import feature_statistics, save_statistics
 
 
 def read_samples(path: Path) -> tuple[np.ndarray, np.ndarray | None]:

@@ -20,11 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffmoe_scale.cli import docstring_parser  # noqa: E402
-from diffmoe_scale.data.extract import encode_shard, list_image_folder  # noqa: E402
-from diffmoe_scale.data.latents import INDEX, LABELS, shard_name  # noqa: E402
+from diffmoe_scale.cli import docstring_parser
+from diffmoe_scale.data.extract import encode_shard, list_image_folder
+from diffmoe_scale.data.latents import INDEX, LABELS, shard_name
 
 
 def parse_args(argv=None):

@@ -23,11 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffmoe_scale.cli import docstring_parser  # noqa: E402
-from diffmoe_scale.config import Config, ConfigError, config_from_dict  # noqa: E402
-from diffmoe_scale.train.checkpoint import read_ema_weights  # noqa: E402
+from diffmoe_scale.cli import docstring_parser
+from diffmoe_scale.config import Config, ConfigError, config_from_dict
+from diffmoe_scale.train.checkpoint import read_ema_weights
 
 
 def parse_args(argv=None):

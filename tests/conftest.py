@@ -2,6 +2,7 @@
 short digits run with its EMA weights exported."""
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,21 @@ from PIL import Image
 from tests.helpers import CLASSES, SIZES, clean_env
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """The scripts the tests start import diffmoe_scale as any process does: from PYTHONPATH or the venv's
+    editable install. Stop at once unless that is this checkout (a venv set up from another checkout would
+    have them test its code)."""
+    with tempfile.TemporaryDirectory() as elsewhere:
+        found = subprocess.run([sys.executable, "-c", "import diffmoe_scale; print(diffmoe_scale.__file__)"],
+                               cwd=elsewhere, env=clean_env(), capture_output=True, text=True, timeout=60)
+    if found.returncode != 0:
+        raise pytest.UsageError(f"diffmoe_scale is not installed in {sys.prefix}: run `bash launch/bootstrap.sh`")
+    if Path(found.stdout.strip()).parent != REPO / "diffmoe_scale":
+        raise pytest.UsageError(f"the scripts would import diffmoe_scale from {Path(found.stdout.strip()).parent}, "
+                                f"not from this checkout ({REPO}): give it its own .venv (`bash launch/bootstrap.sh`) "
+                                "or put it first on PYTHONPATH")
 
 
 @pytest.fixture(scope="session")

@@ -381,7 +381,7 @@ def no_deepspeed_env(tmp_path):
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("import sys\nsys.stderr.write('FAKE DEEPSPEED IMPORTED\\n')\nsys.exit(99)\n")
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(fake.parent), str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env["PYTHONPATH"] = os.pathsep.join([str(fake.parent)] + [p for p in [env.get("PYTHONPATH")] if p])
     control = subprocess.run([PYTHON, "-c", "import deepspeed"], env=env, capture_output=True, text=True, timeout=60)
     assert control.returncode == 99 and "FAKE DEEPSPEED IMPORTED" in control.stderr  # the trap works
     return env

@@ -5,21 +5,18 @@ routing and full gradients, and the final full parameters and thresholds of ever
     torchrun --nproc_per_node 2 tests/distributed/equivalence_worker.py OUT.pt --config C --set parallel.ep=2
 """
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from diffmoe_scale.config import load_config  # noqa: E402
-from diffmoe_scale.models import DiT  # noqa: E402
-from diffmoe_scale.parallel.collectives import all_gather  # noqa: E402
-from diffmoe_scale.parallel.consolidate import full_state  # noqa: E402
-from diffmoe_scale.parallel.engine import grad_square_sums  # noqa: E402
-from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime  # noqa: E402
-from diffmoe_scale.parallel.sampling import sample_distributed  # noqa: E402
-from diffmoe_scale.train.trainer import Trainer, capacity_stats, mean_over_ranks  # noqa: E402
+from diffmoe_scale.config import load_config
+from diffmoe_scale.models import DiT
+from diffmoe_scale.parallel.collectives import all_gather
+from diffmoe_scale.parallel.consolidate import full_state
+from diffmoe_scale.parallel.engine import grad_square_sums
+from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime
+from diffmoe_scale.parallel.sampling import sample_distributed
+from diffmoe_scale.train.trainer import Trainer, capacity_stats, mean_over_ranks
 
 
 DIT_INIT = DiT._init_weights
