@@ -108,6 +108,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     tf32: bool = True  # TF32 for the matmuls that stay fp32, on GPUs that have it (false: exact fp32)
+    deterministic: bool = False  # bit-exact GPU runs: deterministic kernels, math attention (slower)
     max_nonfinite_steps: int = 5  # NaN/Inf steps in a row (each skipped) before the run saves and stops
 
 

@@ -6,6 +6,8 @@ x_t, loss) stays fp32 around the model: only the model's input is cast to the tr
 prediction comes back in fp32 (`CastAtModelBoundary`, as Megatron's Float16Module does). Routing runs in
 fp32 inside the MoE layers. TF32 serves the matmuls that stay fp32 on GPUs that have it.
 """
+import os
+
 import torch
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -16,6 +18,19 @@ def enable_tf32(enabled: bool) -> None:
     precision = "tf32" if enabled else "ieee"
     torch.backends.cuda.matmul.fp32_precision = precision
     torch.backends.cudnn.conv.fp32_precision = precision
+
+
+def use_deterministic_algorithms(enabled: bool) -> None:
+    """Bit-exact GPU runs (same hardware and software): torch's deterministic kernels (index_add and
+    scatter without atomics, cuBLAS with a fixed workspace) and attention through the math kernel, whose
+    backward needs no atomics; slower. CPU runs are deterministic without it."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at cuBLAS's first use
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def deepspeed_precision(precision: str) -> dict:

@@ -16,7 +16,7 @@ from ..parallel.engine import build_engine
 from ..parallel.expert_parallel import apply_threshold_quantiles, rows_sent_to_other_ranks, take_pending_quantiles
 from ..parallel.groups import setup_groups
 from ..parallel.parallelize import build_parallel_model
-from ..parallel.precision import PRECISION_DTYPES, CastAtModelBoundary, enable_tf32
+from ..parallel.precision import PRECISION_DTYPES, CastAtModelBoundary, enable_tf32, use_deterministic_algorithms
 from ..parallel.runtime import Runtime
 from ..parallel.sampling import sample_distributed
 from .capacity import CapacityByCondition
@@ -80,6 +80,7 @@ class Trainer:
         self.out_dir = Path(config.train.out_dir)
         check_precision(config)
         enable_tf32(config.train.tf32)
+        use_deterministic_algorithms(config.train.deterministic)
         self.groups = groups = setup_groups(config)
         self.dataset = build_dataset(config)
         self.model = build_parallel_model(config, groups, runtime.device)
