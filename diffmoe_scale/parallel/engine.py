@@ -6,6 +6,7 @@ from deepspeed.moe.utils import configure_moe_param_groups, is_moe_param
 
 from ..config import Config
 from .groups import ParallelGroups
+from .timeouts import apply_collective_timeout
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -65,6 +66,7 @@ def build_engine(config: Config, model: torch.nn.Module, groups: ParallelGroups)
         config=deepspeed_config(config, groups.dp_size),
         mpu=groups.mpu,
     )
+    apply_collective_timeout(config.parallel.timeout_minutes)  # the groups DeepSpeed made for the engine
     return engine, optimizer, scheduler
 
 
