@@ -6,7 +6,10 @@
 import argparse
 import sys
 
+from diffmoe_scale.cli import report_error
 from diffmoe_scale.config import ConfigError, load_config
+from diffmoe_scale.parallel.launcher import report_exit_status, tie_to_launcher
+from diffmoe_scale.train.stop import StopRequest
 
 
 def parse_args(argv=None):
@@ -16,8 +19,10 @@ def parse_args(argv=None):
         epilog="example:\n  python pretrain_diffmoe.py --config configs/digits_diffmoe_e4_flow.yaml "
         "--set train.max_steps=200 --set train.out_dir=runs/try\n\n"
         "exit status: 0 done; 2 bad config or checkpoint that cannot resume; 3 stopped after\n"
-        "train.max_nonfinite_steps NaN/Inf steps in a row (saved); 75 stopped by SIGTERM or SIGUSR1 after saving\n"
-        "a checkpoint (requeue: the same command resumes); 130 stopped by Ctrl-C after saving",
+        "train.max_nonfinite_steps NaN/Inf steps in a row (saved); 4 a collective timed out or lost a peer\n"
+        "(parallel.timeout_minutes: another rank stalled or died); 75 stopped by SIGTERM or SIGUSR1 after saving\n"
+        "a checkpoint (requeue: the same command resumes); 130 stopped by Ctrl-C after saving.\n"
+        "torchrun and mpirun report 1 for any of these: run them under launch/supervise.py to get the ranks' status",
     )
     parser.add_argument("--config", required=True, help="YAML config file (see configs/ and README's config reference)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -38,21 +43,33 @@ def main(argv=None) -> int:
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        report_error(f"config error: {err}")
+        report_exit_status(2)
         return 2
+    stop = StopRequest()  # before any distributed start-up: from here on a stop signal asks for a save
+    tie_to_launcher()
     # Heavy imports only once the config is known to be good.
     from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime
+    from diffmoe_scale.parallel.timeouts import EXIT_COLLECTIVE_FAILED, describe_collective_failure
     from diffmoe_scale.train.trainer import Trainer
 
     runtime = init_runtime()
+    trainer = None
     try:
-        code = Trainer(config, runtime).train(args.resume)
+        trainer = Trainer(config, runtime, stop)
+        code = trainer.train(args.resume)
     except ConfigError as err:  # raised by parts that check the config against what this build has
-        print(f"config error: {err}", file=sys.stderr)
+        report_error(f"config error: {err}")
         code = 2
+    except RuntimeError as err:
+        failure = describe_collective_failure(err, config.parallel.timeout_minutes)
+        if failure is None:
+            raise
+        where = f"at step {trainer.step}" if trainer else "while starting"
+        print(f"rank {runtime.rank}: {failure} {where}; another rank stalled or died", file=sys.stderr, flush=True)
+        exit_process(EXIT_COLLECTIVE_FAILED)  # without the shutdown barrier: a peer is gone
     shutdown_runtime()
     exit_process(code)
-
 
 if __name__ == "__main__":
     sys.exit(main())
