@@ -71,5 +71,6 @@ def main(argv=None) -> int:
     shutdown_runtime()
     exit_process(code)
 
+
 if __name__ == "__main__":
     sys.exit(main())

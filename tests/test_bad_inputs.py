@@ -91,9 +91,11 @@ def test_training_on_damaged_latents_ends_with_one_line(damage, ranks, tmp_path)
     assert_one_line_and_exit_2(result, f"config error: data.path: {tmp_path / 'latents' / file}: ", problem)
 
 
-def test_a_batch_that_does_not_split_over_the_ranks_ends_with_one_line(tmp_path):
+@pytest.mark.parametrize("ranks, accumulation", [(1, 2), (2, 1)])  # 2 micro-batches either way
+def test_a_batch_that_does_not_split_into_micro_batches_ends_with_one_line(ranks, accumulation, tmp_path):
     result = run(["pretrain_diffmoe.py", "--config", "configs/digits_diffmoe_e4_flow.yaml",
-                  "--set", "train.global_batch_size=33", "--set", f"train.out_dir={tmp_path}"], ranks=2)
+                  "--set", "train.global_batch_size=33", "--set", f"train.grad_accum_steps={accumulation}",
+                  "--set", f"train.out_dir={tmp_path}"], ranks)
     assert_one_line_and_exit_2(result, "config error: ", "train.global_batch_size: 33 does not split into 2")
 
 

@@ -126,6 +126,17 @@ def test_watchdog_reports_a_stall_once_and_its_end():
     assert watchdog.check() == "rank 3: no progress for 60 s at step 8 (saving a checkpoint)"
 
 
+@pytest.mark.parametrize("overrides, key", [
+    (["parallel.timeout_minutes=0"], "parallel.timeout_minutes"),
+    (["parallel.timeout_minutes=1", "parallel.stall_warning_minutes=1"], "parallel.stall_warning_minutes"),
+])
+def test_timeout_and_stall_warning_are_validated(overrides, key):
+    from diffmoe_scale.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(REPO / "configs/digits_diffmoe_e4_flow.yaml", overrides)
+
+
 GLOO_TIMEOUT = "[gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 30000ms for send operation to complete"
 
 
@@ -133,7 +144,7 @@ def test_a_failed_collective_is_named_with_its_call_site(tmp_path):
     # A stand-in for torch's module of collectives, raising what gloo raises when a peer never comes.
     c10d = tmp_path / "torch" / "distributed" / "distributed_c10d.py"
     c10d.parent.mkdir(parents=True)
-    c10d.write_text(f"def all_to_all_single(message):\n    raise RuntimeError(message)\n")
+    c10d.write_text("def all_to_all_single(message):\n    raise RuntimeError(message)\n")
     collectives = {}
     exec(compile(c10d.read_text(), str(c10d), "exec"), collectives)
 
