@@ -7,7 +7,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from diffmoe_scale.cli import report_error
 from diffmoe_scale.config import ConfigError, load_config
+from diffmoe_scale.parallel.launcher import report_exit_status, tie_to_launcher
+from diffmoe_scale.train.stop import StopRequest
 
 
 def parse_args(argv=None):
@@ -20,8 +23,10 @@ def parse_args(argv=None):
         "live run holds (its lock <out_dir>/run.lock names it); 3 stopped after train.max_nonfinite_steps\n"
         "NaN/Inf steps in a row (saved); 4 a checkpoint could not be written (no room on its file system, or\n"
         "an I/O error; the message names the path and the space; not to be requeued: free space, then the same\n"
-        "command resumes); 75 stopped by SIGTERM or SIGUSR1 after saving a checkpoint (requeue: the same command\n"
-        "resumes); 130 stopped by Ctrl-C after saving",
+        "command resumes); 5 a collective timed out or lost a peer (parallel.timeout_minutes: another rank\n"
+        "stalled or died); 75 stopped by SIGTERM or SIGUSR1 after saving a checkpoint (requeue: the same command\n"
+        "resumes); 130 stopped by Ctrl-C after saving.\n"
+        "torchrun and mpirun report 1 for any of these: run them under launch/supervise.py to get the ranks' status",
     )
     parser.add_argument("--config", required=True, help="YAML config file (see configs/ and docs/configuration.md)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -42,20 +47,26 @@ def main(argv=None) -> int:
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        report_error(f"config error: {err}")
+        report_exit_status(2)
         return 2
+    stop = StopRequest()  # before any distributed start-up: from here on a stop signal asks for a save
+    tie_to_launcher()
     # Heavy imports only once the config is known to be good.
     from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime
+    from diffmoe_scale.parallel.timeouts import EXIT_COLLECTIVE_FAILED, describe_collective_failure
     from diffmoe_scale.train.disk_space import SaveFailed
     from diffmoe_scale.train.run_lock import RunLockError, run_directory_lock
     from diffmoe_scale.train.trainer import EXIT_SAVE_FAILED, Trainer
 
     runtime = init_runtime()
+    trainer = None
     try:
         with run_directory_lock(Path(config.train.out_dir), runtime.is_main):
-            code = Trainer(config, runtime).train(args.resume)
+            trainer = Trainer(config, runtime, stop)
+            code = trainer.train(args.resume)
     except ConfigError as err:  # raised by parts that check the config against what this build has
-        print(f"config error: {err}", file=sys.stderr)
+        report_error(f"config error: {err}")
         code = 2
     except RunLockError as err:  # raised on every rank
         if runtime.is_main:
@@ -67,6 +78,13 @@ def main(argv=None) -> int:
         if not err.collective:  # the other ranks may wait inside the save: no shutdown barrier; the launcher ends them
             exit_process(EXIT_SAVE_FAILED)
         code = EXIT_SAVE_FAILED
+    except RuntimeError as err:
+        failure = describe_collective_failure(err, config.parallel.timeout_minutes)
+        if failure is None:
+            raise
+        where = f"at step {trainer.step}" if trainer else "while starting"
+        print(f"rank {runtime.rank}: {failure} {where}; another rank stalled or died", file=sys.stderr, flush=True)
+        exit_process(EXIT_COLLECTIVE_FAILED)  # without the shutdown barrier: a peer is gone
     shutdown_runtime()
     exit_process(code)
 

@@ -119,6 +119,10 @@ class ParallelConfig:
     zero_stage: int = 0
     activation_checkpointing: bool = False  # recompute blocks in backward instead of keeping activations
     activation_checkpointing_every: int = 1  # checkpoint blocks 0, n, 2n, ...
+    # Every process group's timeout: a collective that waits longer ends the job (a peer stalled or died).
+    timeout_minutes: float = 10.0
+    # A rank that makes no progress (no step boundary) for this long says so, once per stall.
+    stall_warning_minutes: float = 2.0
 
 
 @dataclass
@@ -354,6 +358,9 @@ def _resolve_and_validate(config: Config, source: str) -> None:
     require(parallel.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")
     require(parallel.activation_checkpointing_every >= 1, "parallel.activation_checkpointing_every",
             "must be at least 1")
+    require(0 < parallel.timeout_minutes < float("inf"), "parallel.timeout_minutes", "must be positive and finite")
+    require(0 < parallel.stall_warning_minutes < parallel.timeout_minutes, "parallel.stall_warning_minutes",
+            f"must be positive and shorter than parallel.timeout_minutes={parallel.timeout_minutes}")
     if parallel.zero_stage == 3 and moe.ffn != "dense":
         fail("parallel.zero_stage", "ZeRO-3 does not support MoE layers; use stage 0, 1 or 2")
     if train.precision != "fp32":

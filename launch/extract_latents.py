@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffmoe_scale.cli import docstring_parser
+from diffmoe_scale.cli import docstring_parser, report_error
 from diffmoe_scale.data.extract import encode_shard, list_image_folder
 from diffmoe_scale.data.latents import INDEX, LABELS, shard_name
 
@@ -63,19 +63,22 @@ def write_index(args, vae, classes: list[str], images: list, shard_counts: list[
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.images.is_dir():
-        print(f"error: --images {args.images}: not a directory", file=sys.stderr)
+        report_error(f"error: --images {args.images}: not a directory")
         return 2
+    from diffmoe_scale.parallel.launcher import tie_to_launcher
+    from diffmoe_scale.train.stop import StopRequest
+
+    stop = StopRequest(unit="shard")  # before any distributed start-up: from here on a stop signal asks for a stop
+    tie_to_launcher()
     from diffusers import AutoencoderKL
 
     from diffmoe_scale.parallel.collectives import broadcast_object, max_over_ranks
     from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime
-    from diffmoe_scale.train.stop import StopRequest
 
     runtime = init_runtime()
-    stop = StopRequest(unit="shard")
     classes, images = broadcast_object(list_image_folder(args.images) if runtime.is_main else None)
     if not images:
-        print(f"error: --images {args.images}: no images in class subdirectories", file=sys.stderr)
+        report_error(f"error: --images {args.images}: no images in class subdirectories")
         exit_process(2)
     args.out.mkdir(parents=True, exist_ok=True)
     starts = list(range(0, len(images), args.shard_size))
@@ -85,6 +88,7 @@ def main(argv=None) -> int:
           f"{len(mine) - len(todo)} of my {len(mine)} shards are done already", flush=True)
     vae = AutoencoderKL.from_pretrained(args.vae).to(runtime.device).eval()
     for done, k in enumerate(todo, 1):
+        stop.announce()
         if stop.exit_code:
             break
         began = time.perf_counter()

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffmoe_scale.cli import docstring_parser
+from diffmoe_scale.cli import docstring_parser, report_error
 from diffmoe_scale.config import Config, ConfigError, config_from_dict
+from diffmoe_scale.parallel.launcher import report_exit_status, tie_to_launcher
 from diffmoe_scale.train.checkpoint import read_ema_weights
 
 
@@ -159,8 +160,10 @@ def main(argv=None) -> int:
         saved_config, weights, step = read_ema_weights(args.weights)
         config = sampling_config(saved_config, args)
     except (ValueError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        report_error(f"error: {err}")
+        report_exit_status(2)
         return 2
+    tie_to_launcher()
     from diffmoe_scale.parallel.groups import setup_groups
     from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime
     from diffmoe_scale.train.images import save_grid
@@ -170,7 +173,7 @@ def main(argv=None) -> int:
         sampler = Sampler(config, weights, setup_groups(config), runtime.device, args.vae)
         offset = search_offset(sampler, args, runtime.is_main) if args.search_offsets else args.threshold_offset
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        report_error(f"error: {err}")
         exit_process(2)
     sampler.set_threshold_offset(offset)
     images, labels, c_avg = sampler.run(args.num_samples, args.batch_size, args.seed, progress=runtime.is_main)

@@ -44,14 +44,24 @@ run_tasks() {
          "$SLURM_NTASKS tasks, rendezvous $MASTER_ADDR:$MASTER_PORT, $(date -Is)"
     # The signals reach the tasks through srun; the batch shell only has to outlive them.
     trap 'echo "== batch shell: got a stop signal; the ranks save and exit"' TERM USR1
-    local status pid
-    srun --kill-on-bad-exit=0 "$@" &
+    # Each rank leaves its exit status in this directory (under REPO or LOG_DIR: visible from every node).
+    # srun reports the highest status of its tasks, and --kill-on-bad-exit ends the step as soon as one
+    # rank exits non-zero (a crashed rank must not leave the others waiting), so a rank still exiting when
+    # the first one's 75 ends the step can count as killed: a rank's own 75, which it writes only after the
+    # checkpoint of every rank is published, decides the requeue.
+    local status pid status_dir=${LOG_DIR:-$REPO/logs}/status/$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}
+    rm -rf "$status_dir" && mkdir -p "$status_dir"
+    DIFFMOE_SUPERVISOR_DIR=$status_dir srun --kill-on-bad-exit=1 "$@" &
     pid=$!
     while true; do  # a trapped signal ends `wait` early: wait again until srun itself has exited
         status=0
         wait "$pid" || status=$?
         kill -0 "$pid" 2>/dev/null || break
     done
+    if [[ $status != 0 ]] && grep -qsx "$EXIT_PREEMPTED" "$status_dir"/exit_*; then
+        status=$EXIT_PREEMPTED
+    fi
+    rm -rf "$status_dir"
     if [[ $status == "$EXIT_PREEMPTED" ]]; then
         echo "== saved after a stop signal: requeueing job $SLURM_JOB_ID, $(date -Is)"
         scontrol requeue "$SLURM_JOB_ID"

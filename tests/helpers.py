@@ -54,3 +54,18 @@ def wandb_records(path: Path) -> list:
             records.append(record)
             payload = b""
     return records
+
+
+def processes_with(variable: str, value: str) -> dict[int, dict[str, str]]:
+    """Live processes whose environment holds `variable`=`value` (a marker a test gives the processes it starts):
+    pid -> environment. Zombies (exited, not yet reaped) have no environment and are not listed."""
+    found = {}
+    for path in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            entries = path.read_bytes().split(b"\0")
+        except OSError:
+            continue  # exited meanwhile, or not ours
+        environment = dict(entry.decode(errors="replace").partition("=")[::2] for entry in entries if b"=" in entry)
+        if environment.get(variable) == value:
+            found[int(path.parent.name)] = environment
+    return found

@@ -4,6 +4,7 @@ digits config, runs EP=2 over two nodes, is preempted with SIGUSR1, requeues its
 ends with a straight run's losses."""
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -147,3 +148,37 @@ def test_evaluation_recipe_samples_over_two_nodes_and_scores_the_digits(cluster,
     assert "2 tasks" in output and "wrote " in output
     scores = json.loads((out / "scores.txt").read_text().splitlines()[-1])
     assert scores["num_images"] == 40 and {"digit_fid", "digit_accuracy"} <= scores.keys()
+
+
+def run_lib_sh(cluster, tmp_path: Path, task: str) -> tuple[int, Path]:
+    """A job of 2 tasks on 2 nodes that runs `bash -c task` through slurm/lib.sh's submit_or_run, as the recipes do."""
+    recipe, log = tmp_path / "recipe.sbatch", tmp_path / "job.out"
+    recipe.write_text(f'#!/bin/bash\nset -euo pipefail\nREPO={REPO}\nJOB_NAME=lib-test\nsource "$REPO/slurm/lib.sh"\n'
+                      f'submit_or_run bash -c {shlex.quote(task)}\n')
+    job = cluster.submit(recipe, "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10", "--requeue",
+                         f"--output={log}", "--open-mode=append", f"--chdir={tmp_path}",
+                         env_overrides={"LOG_DIR": str(tmp_path / "logs")})
+    return job, log
+
+
+def test_a_rank_that_exits_with_an_error_ends_the_step(cluster, tmp_path):
+    # Task 1 fails at once; task 0 would wait 10 minutes for it (as a rank waits in a collective).
+    job, log = run_lib_sh(cluster, tmp_path, 'if [ "$SLURM_PROCID" = 1 ]; then exit 1; fi; exec sleep 600')
+    final = cluster.wait_for(job, lambda state: state.finished, timeout=180)  # a guard, not a speed check
+    assert final.state == "FAILED", f"{final}\n{log.read_text()}"
+    assert "== tasks exited with status" in log.read_text()
+
+
+def test_a_rank_that_saved_after_a_stop_requeues_even_if_srun_reports_another_killed(cluster, tmp_path):
+    # Task 0 saved and exits 75; task 1 is still busy when srun ends the step (kill-on-bad-exit), so srun reports
+    # the killed task's status, not 75: the rank's own report decides. The second start completes.
+    report = (f'{shlex.quote(sys.executable)} -c "import sys; sys.path.insert(0, {str(REPO)!r}); '
+              f'from diffmoe_scale.parallel.launcher import report_exit_status; report_exit_status(75)"')
+    job, log = run_lib_sh(cluster, tmp_path, f'if [ "${{SLURM_RESTART_COUNT:-0}}" -ge 1 ]; then exit 0; fi; '
+                                             f'if [ "$SLURM_PROCID" = 0 ]; then {report}; exit 75; fi; exec sleep 600')
+    cluster.wait_for(job, lambda state: state.restarts >= 1 or state.finished, timeout=180)
+    final = cluster.wait_for(job, lambda state: state.finished, timeout=300)
+    output = log.read_text()
+    assert final.state == "COMPLETED" and final.restarts == 1, f"{final}\n{output}"
+    assert f"== saved after a stop signal: requeueing job {job}" in output
+    assert not (tmp_path / "logs" / "status").exists() or not any((tmp_path / "logs" / "status").iterdir())

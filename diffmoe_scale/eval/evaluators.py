@@ -8,6 +8,20 @@ from .digits_classifier import class_accuracy, digit_fid, train_digit_classifier
 from .fid import feature_statistics, frechet_distance, inception_score, load_statistics
 
 
+def images_problem(images: np.ndarray, channels: int, size: int | None) -> str | None:
+    """What makes `images` unfit for an evaluator of uint8 [N, size, size, channels] images (any size when
+    None), or None."""
+    height_width = f"{size}, {size}" if size else "H, W"
+    kind = "grayscale" if channels == 1 else "RGB"
+    if images.ndim != 4 or images.shape[3] != channels or (size and images.shape[1:3] != (size, size)):
+        return f"arr_0 has shape {list(images.shape)}; this evaluator needs {kind} images [N, {height_width}, {channels}]"
+    if images.dtype != np.uint8:
+        return f"arr_0 holds {images.dtype}; this evaluator needs uint8 pixels (0..255)"
+    if len(images) < 2:
+        return f"{len(images)} image(s); the Fréchet distance needs at least 2"
+    return None
+
+
 def to_model_range(images: np.ndarray) -> torch.Tensor:
     """uint8 [N, H, W, C] -> float [N, C, H, W] in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -15,6 +29,8 @@ def to_model_range(images: np.ndarray) -> torch.Tensor:
 
 class DigitsEvaluator:
     """Digit FID against all 1,797 real digits, and how often the classifier sees the asked-for digit."""
+
+    CHANNELS, SIZE = 1, 8
 
     def __init__(self, seed: int = 0):
         self.model, self.classifier_accuracy = train_digit_classifier(seed)
@@ -32,6 +48,8 @@ class InceptionEvaluator:
     TorchScript with the interface of the `inception-2015-12-05.pt` file that StyleGAN3's and ADM-style
     evaluators use: net(uint8 [N, 3, H, W], return_features=True) -> pool features [N, 2048];
     return_features=False -> class probabilities."""
+
+    CHANNELS, SIZE = 3, None  # the network resizes
 
     def __init__(self, network_path, reference_path=None, batch_size: int = 200):
         self.network = torch.jit.load(str(network_path), map_location="cpu").eval()

@@ -7,6 +7,7 @@ from deepspeed.moe.utils import configure_moe_param_groups, is_moe_param
 from ..config import Config
 from .groups import ParallelGroups
 from .precision import deepspeed_precision
+from .timeouts import apply_collective_timeout
 
 
 def clips_in_engine(config: Config) -> bool:
@@ -53,6 +54,7 @@ def build_engine(config: Config, model: torch.nn.Module, groups: ParallelGroups)
     optimizer = build_optimizer(config, param_groups, params[0].device)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=deepspeed_config(config, groups.dp_size), mpu=groups.mpu)
+    apply_collective_timeout(config.parallel.timeout_minutes)  # the groups DeepSpeed made for the engine
     optimizer = getattr(optimizer, "optimizer", optimizer)  # ZeRO and bf16 wrap the torch optimizer
     return engine, warmup_schedule(optimizer, config.optim.warmup_steps)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from ..config import Config, ConfigError
+from .timeouts import apply_collective_timeout
 
 
 @dataclass
@@ -52,13 +53,15 @@ def setup_groups(config: Config) -> ParallelGroups:
     if tp > 1:
         from megatron.core import parallel_state
 
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                                 distributed_timeout_minutes=config.parallel.timeout_minutes)
         mpu = MegatronMPU(parallel_state)
         ds_groups._create_expert_data_and_model_parallel(ep, mpu)
         dp_rank = parallel_state.get_data_parallel_rank()
     else:
         ds_groups._create_expert_and_data_parallel(ep)
         dp_rank = dist.get_rank()
+    apply_collective_timeout(config.parallel.timeout_minutes)  # the world's and DeepSpeed's groups
     name = f"ep_size_{ep}"
     return ParallelGroups(
         world_size=world_size, dp_size=world_size // tp, dp_rank=dp_rank, tp_size=tp, ep_size=ep,

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-MPI_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+from .launcher import SUPERVISOR_DIR, launcher_in_environment, report_exit_status
 
 
 @dataclass
@@ -70,23 +69,21 @@ def discover_launcher() -> str:
 
     torchrun and the deepspeed launcher set them; srun and mpirun are read from their own
     variables; a plain `python` start is a world of one. Returns the launcher's name."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return "env"
-    if "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ:  # srun sets the step; sbatch alone does not
+    launcher = launcher_in_environment()
+    if launcher == "srun":
         os.environ.update(_rendezvous_from_slurm())
-        return "srun"
-    if any(name in os.environ for name in MPI_RANK_VARIABLES):
+    elif launcher == "mpirun":
         os.environ.update(_rendezvous_from_mpi())
-        return "mpirun"
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    return "single process"
+    elif launcher == "single process":
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    return launcher
 
 
 def environment_without_launcher() -> dict:
     """This process's environment without rendezvous or launcher variables: for starting another job's
     processes, which must not take this one's ranks for theirs."""
-    rendezvous = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    rendezvous = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", SUPERVISOR_DIR)
     return {name: value for name, value in os.environ.items()
             if name not in rendezvous and not name.startswith(("SLURM_", "OMPI_", "PMI"))}
 
@@ -186,6 +183,7 @@ def exit_process(code: int) -> None:
 
     At teardown the process groups' C++ threads are destroyed in no set order, and now and then a
     rank that finished cleanly dies of SIGABRT ("terminate called without an active exception")."""
+    report_exit_status(code)
     mpi = sys.modules.get("mpi4py.MPI")  # started by mpirun: MPI wants its finalize before exit
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         mpi.Finalize()

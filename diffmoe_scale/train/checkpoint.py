@@ -357,15 +357,21 @@ def plain_name(name: str) -> str:
 def read_ema_weights(path: Path) -> tuple[dict, dict[str, torch.Tensor], int]:
     """(config, EMA weights named as in `build_model`'s model, step) from a safetensors file written by
     `launch/checkpoint.py export-ema` or from a consolidated checkpoint."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     if path.is_file():
-        with safe_open(str(path), "pt") as file:
-            metadata = file.metadata() or {}
-            if "config" not in metadata:
-                raise ValueError(f"{path}: no config in its metadata (not written by launch/checkpoint.py export-ema)")
-            tensors = {name: file.get_tensor(name) for name in file.keys()}
+        try:
+            with safe_open(str(path), "pt") as file:
+                metadata = file.metadata() or {}
+                if "config" not in metadata or "step" not in metadata:
+                    raise ValueError(f"{path}: no config and step in its metadata (not written by "
+                                     f"launch/checkpoint.py export-ema)")
+                tensors = {name: file.get_tensor(name) for name in file.keys()}
+        except SafetensorError as err:
+            raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
         return json.loads(metadata["config"]), tensors, int(metadata["step"])
+    if not path.exists():
+        raise ValueError(f"{path}: no such file or directory")
     manifest, problem = read_manifest(path)
     if problem:
         raise ValueError(f"{path}: neither an exported EMA file nor a usable checkpoint ({problem})")

@@ -7,21 +7,31 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on SIGTERM/SIGUSR1; the Slurm recipes 
 
 class StopRequest:
     """SIGINT, SIGTERM and SIGUSR1 ask to save and stop at the end of the current `unit` of work
-    (a training step, a shard); `exit_code` becomes non-zero. A second SIGINT aborts at once."""
+    (a training step, a shard); `exit_code` becomes non-zero. A second SIGINT aborts at once.
+
+    The handler only records the signal: it runs between any two bytecodes of the loop, where printing
+    could re-enter a stream the loop is writing. The loop calls `announce` at its boundaries."""
 
     EXIT_CODES = {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGTERM: EXIT_PREEMPTED, signal.SIGUSR1: EXIT_PREEMPTED}
 
     def __init__(self, unit: str = "step"):
         self.unit = unit
         self.exit_code = 0
+        self.received = []  # signals not yet announced (list.append and pop are atomic for the handler)
         self._previous = {signum: signal.signal(signum, self._handle) for signum in self.EXIT_CODES}
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT and self.exit_code == EXIT_INTERRUPTED:
             raise KeyboardInterrupt
         self.exit_code = max(self.exit_code, self.EXIT_CODES[signum])
-        print(f"\n{signal.Signals(signum).name}: saving and stopping at the end of this {self.unit}"
-              f"{' (Ctrl-C again to abort now)' if signum == signal.SIGINT else ''}", flush=True)
+        self.received.append(signum)
+
+    def announce(self) -> None:
+        """Say what each signal received since the last call asked for."""
+        while self.received:
+            signum = self.received.pop(0)
+            print(f"{signal.Signals(signum).name}: saving and stopping at the end of this {self.unit}"
+                  f"{' (Ctrl-C again to abort now)' if signum == signal.SIGINT else ''}", flush=True)
 
     def restore(self):
         for signum, handler in self._previous.items():

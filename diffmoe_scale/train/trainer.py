@@ -29,6 +29,7 @@ from .health import StepHealth, nonfinite_losses
 from .images import save_grid
 from .metrics import MetricsLog, cut_metrics_after
 from .stop import StopRequest
+from .watchdog import StallWatchdog
 from .wandb_run import WandbRun
 
 EXIT_UNHEALTHY = 3  # stopped after train.max_nonfinite_steps NaN/Inf steps in a row (not to be requeued)
@@ -73,8 +74,10 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Trainer:
-    def __init__(self, config: Config, runtime: Runtime):
-        self.stop = StopRequest()  # first: a preemption signal during set-up must not kill the job
+    def __init__(self, config: Config, runtime: Runtime, stop: StopRequest | None = None):
+        # First (or already by the entry point, before distributed start-up): a preemption signal during
+        # set-up must not kill the job.
+        self.stop = stop if stop is not None else StopRequest()
         self.config = config
         self.runtime = runtime
         self.out_dir = Path(config.train.out_dir)
@@ -182,19 +185,24 @@ class Trainer:
 
     def train(self, resume: str = "auto") -> int:
         """Resumes as `resume` says (see `resume`), runs to train.max_steps; returns the exit code."""
+        self.watchdog = StallWatchdog(self.runtime.rank, self.config.parallel.stall_warning_minutes * 60)
         try:
+            self.watchdog.tick(self.step, "resuming")
             self.resume(resume)
             self.prepare_run_dir()
             exit_code = self.run_steps()
+            self.watchdog.tick(self.step, "saving a checkpoint")
             self.save_checkpoint()  # the end of the run, or what a stop must not lose
             if exit_code:
                 if self.runtime.is_main and exit_code != EXIT_UNHEALTHY:
                     print(f"stopped at step {self.step}; the same command resumes from "
                           f"{self.config.checkpoint_dir}", flush=True)
                 return exit_code
+            self.watchdog.tick(self.step, "sampling")
             self.save_samples(self.out_dir / "samples.png")
             return 0
         finally:
+            self.watchdog.close()
             self.stop.restore()  # until here a signal only asks for a stop, during the final save too
 
     def run_steps(self) -> int:
@@ -206,6 +214,8 @@ class Trainer:
         try:
             window_start, window_steps = time.perf_counter(), 0
             while self.step < config.train.max_steps:
+                self.watchdog.tick(self.step)
+                self.stop.announce()
                 exit_code = max_over_ranks(self.stop.exit_code, self.runtime.device)  # all stop at one step
                 if exit_code:
                     return exit_code
@@ -224,6 +234,7 @@ class Trainer:
                     log.log(self.metrics_record(mean_over_ranks(losses), grad_norm, window_steps, step_time))
                     window_start, window_steps = time.perf_counter(), 0
                 if every and self.step % every == 0:
+                    self.watchdog.tick(self.step, "saving a checkpoint")
                     self.save_checkpoint()
         finally:
             log.close()
