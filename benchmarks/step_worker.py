@@ -26,7 +26,8 @@ def time_steps(trainer: Trainer, steps: int) -> dict:
     for _ in range(steps):
         trainer.train_step()
     step_time = (time.perf_counter() - start) / steps
-    return {"step_time_s": step_time, "peak_memory_mb": max_over_ranks(round(peak_memory_mb(trainer.runtime.device)))}
+    device = trainer.runtime.device
+    return {"step_time_s": step_time, "peak_memory_mb": max_over_ranks(round(peak_memory_mb(device)), device)}
 
 
 def main() -> None:

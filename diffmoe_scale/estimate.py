@@ -233,16 +233,16 @@ def _activation_moe_ffn(config: Config, layout: Layout) -> int:
     dim, hidden, experts = config.model.hidden_size, config.model.ffn_width, moe.num_experts
     tokens = micro_batch_tokens(config, layout)
     # norm2's input and output, the modulated norm (the router's and predictor's input), the layer
-    # output, the softmax scores; the predictor's hidden layer (SiLU's input and output), its logits
-    # and the BCE target.
-    per_token = (4 * dim + experts) * width + 2 * FP32
+    # output; in fp32 (routing runs in fp32), the softmax scores, the predictor's hidden layer (SiLU's
+    # input and output), its logits and the BCE target.
+    per_token = 4 * dim * width + experts * FP32 + 2 * FP32
     if moe.ffn == "diffmoe":
-        per_token += (2 * dim + experts) * width + _predictor_target(config, layout) // tokens
+        per_token += (2 * dim + experts) * FP32 + _predictor_target(config, layout) // tokens
     if moe.shared_expert:
         per_token += 2 * hidden * width
-    # Per pair: the expert's input, GELU's input and output, the returned output, the gated output
-    # (index_add keeps its source) and the gate, and the routing indices.
-    per_pair = (3 * dim + 2 * hidden + 1) * width + _routing_indices(layout) * INDEX
+    # Per pair: the expert's input, GELU's input and output; in fp32 (the combine accumulates in fp32) the
+    # returned output, the gated output (index_add keeps its source) and the gate; the routing indices.
+    per_pair = (dim + 2 * hidden) * width + (2 * dim + 1) * FP32 + _routing_indices(layout) * INDEX
     return round(per_token * tokens + per_pair * pairs_per_rank(config, layout))
 
 
@@ -266,7 +266,7 @@ def _predictor_target(config: Config, layout: Layout) -> int:
     """The capacity predictor's BCE target: this rank's rows of the routing mask, a view that keeps
     the mask of the whole gathered pool (ep x the rank's tokens) alive."""
     tokens = layout.ep * micro_batch_tokens(config, layout)
-    return tokens * config.moe.num_experts * PRECISION_BYTES[layout.precision]
+    return tokens * config.moe.num_experts * FP32
 
 
 def _activation_block(config: Config, layout: Layout, moe: bool) -> int:
@@ -279,11 +279,13 @@ def _activation_block(config: Config, layout: Layout, moe: bool) -> int:
 
 
 def _activation_outside_blocks(config: Config, layout: Layout) -> int:
-    """Patch embedding's input, the final layer (norm input, modulated norm, linear input), the loss;
-    per sample the conditioning c (shared by every adaLN), the timestep MLP, the final adaLN, the labels."""
+    """Patch embedding's input, the final layer (norm input, modulated norm, linear input), the loss (fp32:
+    the prediction comes back in fp32); per sample the conditioning c (shared by every adaLN), the timestep
+    MLP, the final adaLN, the labels."""
     model, width = config.model, PRECISION_BYTES[layout.precision]
     latent_values = model.patch_size ** 2 * model.in_channels
-    per_token = (latent_values * (1 + LOSS_VALUES[config.diffusion.objective]) + 3 * model.hidden_size) * width
+    per_token = (latent_values + 3 * model.hidden_size) * width + latent_values * LOSS_VALUES[
+        config.diffusion.objective] * FP32
     per_sample = (TIMESTEP_FREQUENCIES + 5 * model.hidden_size) * width + INDEX
     return (per_token + 2 * FP32) * micro_batch_tokens(config, layout) + per_sample * layout.micro_batch
 
@@ -426,18 +428,19 @@ def _tensors_in(value):
 
 def forward_activation_bytes(config: Config, model, micro_batch: int, seed: int = 0) -> int:
     """Bytes one training forward and loss of `model` keep for backward (see `counting_kept_tensors`),
-    on a random micro-batch."""
+    on a random micro-batch, as the trainer runs them: fp32 diffusion maths around the model's dtype."""
     from .diffusion import build_objective
+    from .parallel.precision import CastAtModelBoundary
 
     param = next(model.parameters())
     generator = torch.Generator(param.device).manual_seed(seed)
     shape = (micro_batch, config.model.in_channels, config.model.input_size, config.model.input_size)
-    images = torch.randn(shape, generator=generator, device=param.device, dtype=param.dtype)
+    images = torch.randn(shape, generator=generator, device=param.device)
     labels = torch.randint(0, config.model.num_classes, (micro_batch,), generator=generator, device=param.device)
     objective = build_objective(config)
-    noise, t = objective.draw(images.shape, generator, param.dtype)
+    noise, t = objective.draw(images.shape, generator)
     with counting_kept_tensors([*model.parameters(), *model.buffers()]) as kept:
-        objective.training_losses(model.train(), images, labels, noise, t)
+        objective.training_losses(CastAtModelBoundary(model.train(), param.dtype), images, labels, noise, t)
     return sum(kept.values())
 
 

@@ -14,7 +14,7 @@ failing rank, also for one that saved and exited 75. Under this wrapper:
     save at the next step boundary and exit (a second Ctrl-C aborts); the launcher, started in a session
     of its own, never sees them;
   - the exit status is the ranks' own: 75 after a preemption save, 130 after Ctrl-C, 2 for a bad input,
-    4 when a collective timed out (see `pretrain_diffmoe.py --help`); the launcher's when no rank left one;
+    4 when a checkpoint could not be written, 5 when a collective timed out (see `pretrain_diffmoe.py --help`); the launcher's when no rank left one;
   - it returns only once every process of the job has exited (it adopts orphaned ones as their subreaper);
     if it is killed itself, the launcher gets SIGKILL and its ranks then stop as when any launcher dies.
 
@@ -31,10 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffmoe_scale.cli import docstring_parser  # noqa: E402
-from diffmoe_scale.parallel.launcher import PR_SET_PDEATHSIG, SUPERVISOR_DIR  # noqa: E402
+from diffmoe_scale.cli import docstring_parser
+from diffmoe_scale.parallel.launcher import PR_SET_PDEATHSIG, SUPERVISOR_DIR
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>

@@ -11,7 +11,8 @@ Inside `pretend_cuda()`, a tensor made for "cuda" (by a factory with device="cud
 
 The values are computed on the CPU (collectives run over gloo on the hosts), so training, sampling and
 checkpoints proceed for real. Ops that would make the host wait for the device are counted in
-`PretendCudaMode.host_syncs` by name. `torch.save` writes what it saves from `OnCuda` tensors as
+`PretendCudaMode.host_syncs` by name, and the dtypes each kind of collective carried are kept in
+`PretendCudaMode.collective_dtypes`. `torch.save` writes what it saves from `OnCuda` tensors as
 a CUDA run does, with storages tagged "cuda:0", so a file saved here fails to load on a CPU-only
 machine unless `map_location` moves it.
 
@@ -139,6 +140,7 @@ class PretendCudaMode(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.host_syncs: dict[str, int] = {}
+        self.collective_dtypes: dict[str, set] = {}  # c10d op name -> dtypes of the tensors it carried
 
     def count_sync(self, name: str) -> None:
         self.host_syncs[name] = self.host_syncs.get(name, 0) + 1
@@ -156,6 +158,7 @@ class PretendCudaMode(TorchDispatchMode):
             self.count_sync(func.__name__)
         out = func(*tree_map(_host, args), **tree_map(_host, kwargs))
         if func.namespace == "c10d":
+            self.collective_dtypes.setdefault(func._opname, set()).update(str(t.dtype) for t in on_cuda)
             return out  # in place on the hosts: the tensors handed in hold the results
         if isinstance(args[0] if args else None, OnCuda) and _returns_self(func):
             return args[0]

@@ -114,6 +114,15 @@ def train_command(out_dir: Path, *overrides: str, gpu: bool, nproc: int = 2, res
     return command
 
 
+def assert_reductions_in_fp32(collective_dtypes: dict) -> None:
+    """Data-parallel bf16 training (no TP, whose activation all-reduces are bf16 as in Megatron) sums no
+    bf16 tensor across ranks: gradients are reduced in fp32. bf16 travels only where nothing is summed
+    (ZeRO's parameter all-gather, the MoE all-to-all)."""
+    reductions = {name: dtypes for name, dtypes in collective_dtypes.items() if "reduce" in name}
+    assert reductions and not any("torch.bfloat16" in dtypes for dtypes in reductions.values()), collective_dtypes
+    assert "torch.bfloat16" in collective_dtypes["_allgather_base_"] + collective_dtypes["alltoall_base_"]
+
+
 @pytest.mark.slow
 def test_gpu_run_continues_a_cpu_checkpoint_and_its_checkpoint_serves_a_cpu_only_machine(tmp_path):
     """EP=2, ZeRO 1, bf16: CPU ranks write step 2; pretend-GPU ranks resume it (CPU -> GPU), train to step 4,
@@ -126,6 +135,7 @@ def test_gpu_run_continues_a_cpu_checkpoint_and_its_checkpoint_serves_a_cpu_only
     assert f"resumed from {run_dir}/checkpoints/step_00000002 at step 2" in output
     gpu = json.loads(result.read_text())
     assert gpu["exit_code"] == 0 and gpu["device"] == "cuda:0"
+    assert_reductions_in_fp32(gpu["collective_dtypes"])
     gpu_checkpoint = run_dir / "checkpoints" / "step_00000004"
     with pytest.raises(RuntimeError, match="on a CUDA device"):  # written as a GPU writes it
         torch.load(gpu_checkpoint / "trainer_rank_00000.pt", weights_only=False)

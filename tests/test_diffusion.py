@@ -239,14 +239,15 @@ def test_ddim_recovers_x0_from_true_eps(learn_sigma, steps):
 
 
 @pytest.mark.parametrize("learn_sigma", [False, True])
-def test_ancestral_ends_at_x0_for_true_eps(learn_sigma):
+@pytest.mark.parametrize("steps", [1, 20])
+def test_ancestral_ends_at_x0_for_true_eps(learn_sigma, steps):
     # At the last step (t = 0) the posterior mean is x0 exactly and no noise is added.
     objective = DDPMObjective(T, 1e-4, 0.02, learn_sigma)
     x0 = torch.rand(2, 1, 4, 4, dtype=torch.float64) * 1.8 - 0.9
     x_T = torch.randn_like(x0)
     torch.manual_seed(0)
     out = objective.sample(TrueEps(x0, objective.schedule, learn_sigma), x_T, torch.zeros(2, dtype=torch.long),
-                           steps=20, sampler="ancestral")
+                           steps=steps, sampler="ancestral")
     torch.testing.assert_close(out, x0, rtol=1e-9, atol=1e-9)
 
 

@@ -13,7 +13,7 @@ from tests.helpers import clean_env
 REPO = Path(__file__).resolve().parents[1]
 # The scripts that import diffmoe_scale (launch/plot.py needs only matplotlib; pretrain_diffmoe.py sits in the root).
 SCRIPTS = ["launch/checkpoint.py", "launch/sample.py", "launch/evaluate.py", "launch/extract_latents.py",
-           "launch/estimate.py", "benchmarks/moe_layer.py", "benchmarks/dispatch_bytes.py", "benchmarks/step.py"]
+           "launch/estimate.py", "launch/supervise.py", "benchmarks/moe_layer.py", "benchmarks/dispatch_bytes.py", "benchmarks/step.py"]
 
 
 def run_elsewhere(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

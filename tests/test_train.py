@@ -168,23 +168,32 @@ def poison_steps(trainer, bad_steps: set) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [0, 1], ids=["own-clipping", "deepspeed-zero1"])
-def test_nan_steps_are_skipped_and_a_streak_saves_and_stops(zero_stage, runtime, tmp_path):
+@pytest.mark.parametrize("zero_stage,precision", [(0, "fp32"), (1, "fp32"), (1, "bf16"), (2, "bf16")],
+                         ids=["own-clipping", "zero1", "zero1-bf16", "zero2-bf16"])
+def test_nan_steps_are_skipped_and_a_streak_saves_and_stops(zero_stage, precision, runtime, tmp_path):
+    """Each optimizer path: torch's AdamW without ZeRO (we drop the gradients), DeepSpeed's ZeRO optimizer,
+    its BF16_Optimizer (ZeRO 1 in bf16) and ZeRO 2 in bf16 (DeepSpeed skips the update on the norm we check)."""
+    from diffmoe_scale.parallel.consolidate import _torch_optimizer
     from diffmoe_scale.train.trainer import EXIT_UNHEALTHY, Trainer
 
     config = load_config(REPO / "configs/digits_diffmoe_e4_flow.yaml", [
         "train.max_steps=30", "logging.every_steps=1", f"train.out_dir={tmp_path}", "train.global_batch_size=32",
-        f"parallel.zero_stage={zero_stage}", "train.max_nonfinite_steps=3", "checkpoint.every_steps=0"])
+        f"parallel.zero_stage={zero_stage}", f"train.precision={precision}", "train.max_nonfinite_steps=3",
+        "checkpoint.every_steps=0"])
     trainer = Trainer(config, runtime)
     poison_steps(trainer, {4, 5} | set(range(10, 31)))
     snapshots = {}  # after steps 3, 5 and 9: NaN steps 4 and 5 must change nothing, steps 6 to 9 must
     train_step = trainer.train_step
 
+    optimizer = _torch_optimizer(trainer.engine)
+
     def train_step_with_snapshots():
         if trainer.step in (3, 5, 9):
+            adam = [value for state in optimizer.state.values() for value in state.values()]  # moments and step
             snapshots[trainer.step] = [t.detach().clone() for t in (*trainer.model.parameters(),
                                                                    *trainer.model.buffers(),
-                                                                   *trainer.ema.shadow)]
+                                                                   *trainer.ema.shadow, *adam,
+                                                                   torch.tensor(trainer.scheduler.last_epoch))]
         return train_step()
 
     trainer.train_step = train_step_with_snapshots

@@ -22,8 +22,10 @@ class GaussianSchedule:
         prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
         self.alphas_cumprod_prev = prev
         self.posterior_variance = self.betas * (1.0 - prev) / (1.0 - self.alphas_cumprod)
-        # Step 0 has no posterior variance: use step 1's for the log, as improved-diffusion does.
-        self.posterior_log_variance = torch.log(torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
+        # Step 0 has no posterior variance: use step 1's for the log, as improved-diffusion does (a one-step
+        # schedule has none: beta stands in; the last step adds no noise anyway).
+        first = self.posterior_variance[1:2] if len(self.betas) > 1 else self.betas
+        self.posterior_log_variance = torch.log(torch.cat([first, self.posterior_variance[1:]]))
         self.posterior_mean_coef_x0 = self.betas * prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef_xt = (1.0 - prev) * (1.0 - self.betas).sqrt() / (1.0 - self.alphas_cumprod)
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import routing_tape
-from .experts import RoutedFFN, Routing, router_scores, routing_dtype, routing_from_mask
+from .experts import RoutedFFN, Routing, router_scores, routing_dtype, routing_from_mask, wide_linear
 
 POOLS = ("ep_group", "local", "sample")
 
@@ -72,11 +72,10 @@ class DiffMoELayer(RoutedFFN):
         return self
 
     def predictor_logits(self, tokens):
-        """The capacity predictor [N, E] in the routing dtype (weights upcast for the computation)."""
-        dtype = routing_dtype(tokens.dtype)
+        """The capacity predictor [N, E] in the routing dtype."""
         first, _, last = self.predictor
-        hidden = F.silu(F.linear(tokens.to(dtype), first.weight.to(dtype), first.bias.to(dtype)))
-        return F.linear(hidden, last.weight.to(dtype), last.bias.to(dtype))
+        hidden = F.silu(wide_linear(tokens, first.weight, first.bias))
+        return wide_linear(hidden, last.weight, last.bias)
 
     def pool_size(self, batch: int, seq: int) -> int:
         """Tokens per pool; the gathered tokens of the dispatch split into pools of this size."""

@@ -109,10 +109,36 @@ def routing_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+class _WideLinear(torch.autograd.Function):
+    """x @ weight.T + bias computed in a wider dtype than x and weight hold (bf16 -> fp32), keeping only x and
+    weight for backward: F.linear on upcast copies would keep an fp32 copy of x, twice the bytes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype):
+        ctx.save_for_backward(x, weight)
+        ctx.bias_dtype, ctx.dtype = None if bias is None else bias.dtype, dtype
+        return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = (grad @ weight.to(ctx.dtype)).to(x.dtype)
+        grad_weight = (grad.flatten(0, -2).T @ x.flatten(0, -2).to(ctx.dtype)).to(weight.dtype)
+        grad_bias = None if ctx.bias_dtype is None else grad.flatten(0, -2).sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_weight, grad_bias, None
+
+
+def wide_linear(x, weight, bias=None):
+    """A linear layer in the routing dtype (see `routing_dtype`) of bf16/fp16 inputs; plain F.linear otherwise."""
+    dtype = routing_dtype(x.dtype)
+    if dtype == x.dtype and dtype == weight.dtype:
+        return F.linear(x, weight, bias)
+    return _WideLinear.apply(x, weight, bias, dtype)
+
+
 def router_scores(router: nn.Linear, tokens):
     """Softmax router scores [N, E] in the routing dtype."""
-    dtype = routing_dtype(tokens.dtype)
-    return F.linear(tokens.to(dtype), router.weight.to(dtype)).softmax(dim=-1)
+    return wide_linear(tokens, router.weight).softmax(dim=-1)
 
 
 def weighted_sum(tokens, scores, gate_index, pair_token, expert_out):

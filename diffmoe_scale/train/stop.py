@@ -18,6 +18,7 @@ class StopRequest:
         self.unit = unit
         self.exit_code = 0
         self.received = []  # signals not yet announced (list.append and pop are atomic for the handler)
+        self._announced = set()
         self._previous = {signum: signal.signal(signum, self._handle) for signum in self.EXIT_CODES}
 
     def _handle(self, signum, frame):
@@ -27,9 +28,13 @@ class StopRequest:
         self.received.append(signum)
 
     def announce(self) -> None:
-        """Say what each signal received since the last call asked for."""
+        """Say what each signal received since the last call asked for, once per kind of signal (a rank may
+        get one from the job's launcher and the same one again when the launcher dies)."""
         while self.received:
             signum = self.received.pop(0)
+            if signum in self._announced:
+                continue
+            self._announced.add(signum)
             print(f"{signal.Signals(signum).name}: saving and stopping at the end of this {self.unit}"
                   f"{' (Ctrl-C again to abort now)' if signum == signal.SIGINT else ''}", flush=True)
 
