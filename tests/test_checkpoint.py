@@ -391,12 +391,20 @@ def test_export_ema_gathers_every_shard_into_the_plain_model(tmp_path):
     exported = load_file(tmp_path / "ema.safetensors")
     manifest = json.loads((sharded / MANIFEST).read_text())
     build_model(config_from_dict(manifest["config"], "manifest")).load_state_dict(exported, strict=True)
-    # Each rank's EMA holds two of the four experts of each layer; the export holds them in order.
+    # The EMA is sharded as the masters: each rank holds two of the four experts of each layer, and half of
+    # every dense parameter (its replicas are split over the two data-parallel ranks). The export puts them
+    # back together in order.
     shards = [torch.load(sharded / f"trainer_rank_{r:05d}.pt", weights_only=False)["ema"] for r in (0, 1)]
-    prefix = "blocks.1.ffn.deepspeed_moe.experts.deepspeed_experts"
-    expected = torch.stack([shards[r][f"{prefix}.{e}.w1"] for r in (0, 1) for e in (0, 1)])
-    assert torch.equal(exported["blocks.1.ffn.experts.w1"], expected)
-    assert torch.equal(exported["blocks.1.ffn.router.weight"], shards[0]["blocks.1.ffn.deepspeed_moe.router.weight"])
+
+    def shard(rank: int, name: str) -> torch.Tensor:
+        state = shards[rank]
+        return state["shadow"][state["names"].index(name)]
+
+    experts = torch.cat([shard(r, "blocks.1.ffn.deepspeed_moe.experts.w1") for r in (0, 1)])
+    assert torch.equal(exported["blocks.1.ffn.experts.w1"].flatten(), experts)
+    router = torch.cat([shard(r, "blocks.1.ffn.deepspeed_moe.router.weight") for r in (0, 1)])
+    assert len(shard(0, "blocks.1.ffn.deepspeed_moe.router.weight")) == router.numel() // 2
+    assert torch.equal(exported["blocks.1.ffn.router.weight"].flatten(), router)
 
 
 def test_inspect_lists_checkpoints_and_names_each_problem(tmp_path):

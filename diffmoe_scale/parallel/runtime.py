@@ -153,7 +153,9 @@ def init_runtime() -> Runtime:
 
     launcher = discover_launcher()
     use_this_environments_ninja()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # DIFFMOE_DIST_BACKEND=gloo runs GPU ranks over gloo (CUDA tensors through host memory): several ranks on
+    # one GPU, where NCCL refuses a device shared by two ranks (the GPU smoke suite does this).
+    backend = os.environ.get("DIFFMOE_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

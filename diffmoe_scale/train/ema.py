@@ -56,6 +56,7 @@ class ShardedEMA:
 
     def __init__(self, model, groups: ParallelGroups, decay: float):
         self.groups, self.decay = groups, decay
+        self.names = [name for name, _ in model.named_parameters()]
         parts = self.parts(model)
         self.shadow = [part.master.detach().float().clone() for part in parts]
         self.layout = [(part.start, part.group) for part in parts]  # the partition is fixed for the run
@@ -85,12 +86,15 @@ class ShardedEMA:
             buffer.copy_(self.buffers[name])
 
     def state_dict(self) -> dict:
-        return {"shadow": self.shadow, "starts": [start for start, _ in self.layout], "buffers": self.buffers}
+        """This rank's shards: `shadow[i]` holds parameter `names[i]` from position `starts[i]` of its
+        flattened local shard on."""
+        return {"names": self.names, "shadow": self.shadow, "starts": [start for start, _ in self.layout],
+                "buffers": self.buffers}
 
     def load_state_dict(self, state: dict) -> None:
         """This rank's shards as `state_dict` wrote them, from a checkpoint of the same layout."""
-        if [len(t) for t in state["shadow"]] != [len(t) for t in self.shadow] or \
-                state["starts"] != [start for start, _ in self.layout]:
+        if (state["names"], state["starts"], [len(t) for t in state["shadow"]]) != (
+                self.names, [start for start, _ in self.layout], [len(t) for t in self.shadow]):
             raise ValueError("the EMA shards in the checkpoint do not fit this layout's partition of the model")
         for mine, saved in zip(self.shadow, state["shadow"]):
             mine.copy_(saved)

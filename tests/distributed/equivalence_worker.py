@@ -1,6 +1,6 @@
 """Runs a few training steps of the real trainer under any launcher and saves, from rank 0, what
 the equivalence tests compare: per-step global losses and gradient norms, the first step's
-routing and full gradients, and the final full parameters and thresholds of every rank.
+routing and full gradients, and the final full parameters, EMA and thresholds of every rank.
 
     torchrun --nproc_per_node 2 tests/distributed/equivalence_worker.py OUT.pt --config C --set parallel.ep=2
 """
@@ -106,6 +106,7 @@ def main():
     record["thresholds"] = [gather_ranks(layer.thresholds.float()) for layer in trainer.model.moe_layers()]
     record["capacity"] = gather_ranks(torch.tensor(capacity_stats(trainer.model)[1]))
     ema_model = trainer.filled_ema_model()
+    record["ema"] = full_state(ema_model, trainer.groups)  # the EMA is sharded as the masters: put back whole
     for layer in ema_model.moe_layers():  # mid-range thresholds: experts take different token counts
         layer.thresholds.fill_(0.5)
     labels = torch.arange(8) % config.model.num_classes
