@@ -326,10 +326,10 @@ def communication_bytes(config: Config, layout: Layout, params: Parameters) -> d
     # every forward; the backward sends the two gradients the same way once.
     remote_pairs = pairs_per_rank(config, layout) * (layout.ep - 1) / layout.ep
     all_to_all = 2 * remote_pairs * dim * width * (moe_forwards + len(moe_blocks))
-    # Routing all-gather: the pool's router scores (and predictor probabilities), E values per token
+    # Routing all-gather: the pool's router scores (and predictor probabilities), E fp32 values per token
     # each, once per forward (a recomputation replays the routing: models/routing_tape.py).
     routing_values = config.moe.num_experts * (2 if config.moe.ffn == "diffmoe" else 1)
-    all_gather = (layout.ep - 1) * tokens * routing_values * width * len(moe_blocks)
+    all_gather = (layout.ep - 1) * tokens * routing_values * FP32 * len(moe_blocks)
     # Tensor parallelism: an all-reduce of [tokens, D] after each row-parallel layer in forward (attention
     # projection, dense fc2), and of each column-parallel layer's input gradient in backward (qkv, dense fc1).
     all_reduces = sum((1 + (not is_moe_block(config, i))) * (3 if is_checkpointed(layout, i) else 2)
