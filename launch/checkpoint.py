@@ -6,26 +6,27 @@
   python launch/checkpoint.py export-ema runs/x/checkpoints/step_00010000 --out ema.safetensors
 
 `consolidate` turns a sharded checkpoint into whole tensors that any parallel layout resumes from
-(another world size, EP or TP size, ZeRO stage): it starts one CPU process per rank that wrote the
-checkpoint (torchrun, gloo), each loads its shards, and rank 0 writes <checkpoint>_consolidated/
-beside it, where `pretrain_diffmoe.py --resume auto` finds it. Every rank holds the whole model
-and optimizer state for a moment: plan CPU memory accordingly.
+(another world size, EP or TP size, ZeRO stage), writing <checkpoint>_consolidated/ beside it, where
+`pretrain_diffmoe.py --resume auto` finds it. It runs as one CPU process that reads the checkpoint's
+files (memory-mapped) without starting ranks: it holds the whole state once, 16 bytes per parameter
+(fp32 weights, two Adam moments and the EMA), and a GPU-written checkpoint consolidates on any machine.
 """
 import argparse
 import json
-import os
+import resource
 import shutil
-import subprocess
 import sys
+import time
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from diffmoe_scale.cli import docstring_parser
-from diffmoe_scale.config import ConfigError, config_from_dict
+from diffmoe_scale.config import ConfigError
 from diffmoe_scale.train.checkpoint import (CONSOLIDATED, CONSOLIDATED_FILE, MANIFEST, SHARDED, atomic_torch_save,
-                                            consolidated_twin, describe_layout, is_checkpoint, list_checkpoints,
-                                            publish, read_ema_weights, read_manifest, verify)
+                                            code_version, consolidated_twin, describe_layout, is_checkpoint,
+                                            list_checkpoints, publish, read_ema_weights, read_manifest, verify)
+from diffmoe_scale.train.consolidation import consolidate_files
 
 
 def fail(message: str) -> int:
@@ -61,45 +62,27 @@ def inspect(args) -> int:
 
 def consolidate(args) -> int:
     path = Path(args.path)
-    manifest, problem = read_manifest(path)
+    manifest, problem = verify(path)
     if problem:
         return fail(f"{path}: {problem}")
     if manifest["kind"] == CONSOLIDATED:
         print(f"{path} is consolidated already")
         return 0
     out = Path(args.out) if args.out else consolidated_twin(path)
-    if "RANK" in os.environ:
-        return consolidate_on_this_rank(path, manifest, out)
-    world = manifest["layout"]["world_size"]
-    print(f"consolidating {path} ({describe_layout(manifest['layout'])}) on {world} CPU processes -> {out}", flush=True)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
-               __file__, "consolidate", str(path), "--out", str(out)]
-    return subprocess.run(command, env=env).returncode
-
-
-def consolidate_on_this_rank(path: Path, manifest: dict, out: Path) -> int:
-    from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime
-    from diffmoe_scale.train.trainer import Trainer
-
-    runtime = init_runtime()
-    try:
-        trainer = Trainer(config_from_dict(manifest["config"], source=str(path / MANIFEST)), runtime)
-        trainer.resume(str(path))
-        state = trainer.consolidated_state()
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        exit_process(1)
-    if runtime.is_main:
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        atomic_torch_save(state, out / CONSOLIDATED_FILE)
-    publish(out, {**trainer.checkpoint_meta(CONSOLIDATED), "consolidated_from": str(path)})
-    if runtime.is_main:
-        print(f"consolidated step {trainer.step} into {out}", flush=True)
-    shutdown_runtime()
-    exit_process(0)
+    print(f"consolidating {path} ({describe_layout(manifest['layout'])}) -> {out}", flush=True)
+    began = time.perf_counter()
+    state = consolidate_files(path, manifest)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    atomic_torch_save(state, out / CONSOLIDATED_FILE)
+    meta = {key: manifest[key] for key in ("step", "run_id", "layout", "config")}
+    publish(out, {**meta, "kind": CONSOLIDATED, "code_version": code_version(),
+                  "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "consolidated_from": str(path)})
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    print(f"consolidated step {manifest['step']} into {out} ({time.perf_counter() - began:.1f} s, peak memory "
+          f"{peak:.2f} GiB)", flush=True)
+    return 0
 
 
 def export_ema(args) -> int:

@@ -5,6 +5,7 @@ Each case runs `tests/distributed/equivalence_worker.py` (the real trainer and D
 under torchrun and compares its per-step losses, first-step routing and gradients, and final
 parameters and thresholds with a single-process reference on the same global batch.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +16,8 @@ import pytest
 import torch
 
 from diffmoe_scale.parallel.runtime import use_this_environments_ninja
+from diffmoe_scale.train.checkpoint import MANIFEST
+from diffmoe_scale.train.consolidation import consolidate_files
 from tests.helpers import clean_env, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +39,7 @@ def run_checked(cmd: list[str], timeout: int = 180) -> subprocess.CompletedProce
 def run_worker(tmp_path, nproc: int, *overrides: str, steps: int = 3) -> dict:
     out = tmp_path / f"record_{nproc}.pt"
     args = ["tests/distributed/equivalence_worker.py", str(out), "--config", CONFIG, "--steps", str(steps)]
-    for override in (*COMMON, *overrides):
+    for override in (*COMMON, f"train.out_dir={tmp_path / f'run_{nproc}'}", *overrides):
         args += [override] if override.startswith("--") else ["--set", override]
     if nproc == 1:
         run_checked([sys.executable, *args])
@@ -66,7 +69,25 @@ def assert_close_tensors(ours: dict, ref: dict, what: str, rtol: float = RTOL, a
         assert error <= rtol * scale + atol, f"{what} {name}: max error {error:.3g} vs scale {scale:.3g}"
 
 
+def assert_consolidates_as_gathered(record: dict):
+    """The checkpoint's files, read in one process (launch/checkpoint.py consolidate), give exactly the whole
+    state the ranks gathered through the engine at the same step."""
+    checkpoint = Path(record["checkpoint"])
+    ours = consolidate_files(checkpoint, json.loads((checkpoint / MANIFEST).read_text()))
+    gathered = record["gathered"]
+    assert ours["adam_step"] == gathered["adam_step"] and ours["trainer"].keys() == gathered["trainer"].keys()
+    for kind in ("params", "buffers", "ema"):
+        assert ours[kind].keys() == gathered[kind].keys(), kind
+        different = [name for name in gathered[kind] if not torch.equal(ours[kind][name], gathered[kind][name].float())]
+        assert not different, f"{kind}: {different[:5]}"
+    for name, moments in gathered["moments"].items():
+        for key, tensor in moments.items():
+            assert torch.equal(ours["moments"][name][key], tensor), f"{key} of {name}"
+
+
 def assert_same_training(ours: dict, ref: dict, *, routing=True, grads=True):
+    if "checkpoint" in ours:
+        assert_consolidates_as_gathered(ours)
     for step, (loss, ref_loss) in enumerate(zip(ours["loss"], ref["loss"]), 1):
         for name in ref_loss:
             assert loss[name] == pytest.approx(ref_loss[name], rel=RTOL), f"step {step} {name} loss"
@@ -99,7 +120,7 @@ def assert_same_training(ours: dict, ref: dict, *, routing=True, grads=True):
 
 
 def test_ep2_equals_one_process(reference, tmp_path):
-    assert_same_training(run_worker(tmp_path, 2, "parallel.ep=2"), reference)
+    assert_same_training(run_worker(tmp_path, 2, "parallel.ep=2", "--consolidation"), reference)
 
 
 def test_ep4_on_four_ranks_equals_one_process(reference, tmp_path):
@@ -111,7 +132,8 @@ def test_dp2_ep1_equals_one_process_with_two_pools(reference_two_pools, tmp_path
 
 
 def test_dp4_ep2_equals_one_process_with_two_pools(reference_two_pools, tmp_path):
-    assert_same_training(run_worker(tmp_path, 4, "parallel.ep=2"), reference_two_pools, routing=False)
+    assert_same_training(run_worker(tmp_path, 4, "parallel.ep=2", "--consolidation"), reference_two_pools,
+                         routing=False)
 
 
 def test_local_pool_with_ep2_keeps_each_rank_batch_as_its_pool(reference_two_pools, tmp_path):
@@ -130,8 +152,8 @@ def test_expert_choice_baseline_with_ep2(tmp_path):
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_stages_match_stage_0(reference, tmp_path, stage):
     # ZeRO keeps reduced gradients in its own partitions: compare losses, norms and parameters.
-    assert_same_training(run_worker(tmp_path, 2, "parallel.ep=2", f"parallel.zero_stage={stage}"), reference,
-                         grads=False)
+    assert_same_training(run_worker(tmp_path, 2, "parallel.ep=2", f"parallel.zero_stage={stage}", "--consolidation"),
+                         reference, grads=False)
 
 
 def test_activation_checkpointing_matches_plain_backward(reference, tmp_path):
@@ -141,11 +163,11 @@ def test_activation_checkpointing_matches_plain_backward(reference, tmp_path):
 
 
 def test_tp2_equals_tp1(reference, tmp_path):
-    assert_same_training(run_worker(tmp_path, 2, "parallel.tp=2"), reference)
+    assert_same_training(run_worker(tmp_path, 2, "parallel.tp=2", "--consolidation"), reference)
 
 
 def test_tp2_with_ep2_and_zero1(reference, tmp_path):
-    ours = run_worker(tmp_path, 4, "parallel.tp=2", "parallel.ep=2", "parallel.zero_stage=1")
+    ours = run_worker(tmp_path, 4, "parallel.tp=2", "parallel.ep=2", "parallel.zero_stage=1", "--consolidation")
     assert_same_training(ours, reference, grads=False)
 
 
@@ -187,9 +209,11 @@ def test_deepspeed_checkpoint_writes_one_file_per_expert(reference, tmp_path):
 
 
 def test_bf16_tracks_fp32(reference, tmp_path):
-    ours = run_worker(tmp_path, 2, "parallel.ep=2", "parallel.zero_stage=1", "train.precision=bf16")
+    ours = run_worker(tmp_path, 2, "parallel.ep=2", "parallel.zero_stage=1", "train.precision=bf16",
+                      "--consolidation")
     for loss, ref_loss in zip(ours["loss"], reference["loss"]):
         assert loss["diffusion"] == pytest.approx(ref_loss["diffusion"], rel=0.02)
+    assert_consolidates_as_gathered(ours)
 
 
 def test_fp16_on_cpu_is_refused_clearly(tmp_path):

@@ -1,44 +1,22 @@
-"""Whole-model tensors from the shards a rank holds (expert shards over EP, TP shards over TP), and
-back: what lets a checkpoint written in one parallel layout resume in another."""
+"""A rank's shards of whole-model tensors (expert shards over EP, TP shards over TP): how a checkpoint
+consolidated into whole tensors (train/consolidation.py) resumes in any parallel layout."""
 import torch
 from deepspeed.moe.utils import is_moe_param
-from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
-                             safe_set_full_optimizer_state)
+from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-from .collectives import all_gather
 from .groups import ParallelGroups
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def full_tensor(param: torch.nn.Parameter, tensor: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
-    """The whole-model version of `tensor` (the parameter itself, its gradient or an EMA copy),
-    laid out as `param` is sharded. Collective: every rank of the groups involved must call it."""
-    if is_moe_param(param) and groups.ep_size > 1:
-        tensor = torch.cat(all_gather(tensor, groups.ep_group))  # experts in EP rank order
-    if hasattr(param, "tp_index") and groups.tp_size > 1:
-        tp_group = groups.mpu.get_tensor_model_parallel_group()
-        dim = param.partition_dim
-        index = torch.cat(all_gather(param.tp_index.to(tensor.device), tp_group))
-        shards = torch.cat(all_gather(tensor, tp_group), dim=dim)
-        tensor = torch.empty_like(shards).index_copy_(dim, index, shards)
-    return tensor
-
-
 def local_shard(param: torch.nn.Parameter, full: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
-    """This rank's part of a whole-model tensor, laid out as `param` is sharded (inverse of full_tensor)."""
+    """This rank's part of a whole-model tensor, laid out as `param` is sharded."""
     if is_moe_param(param) and groups.ep_size > 1:
         local = full.shape[0] // groups.ep_size
         full = full.narrow(0, groups.ep_rank * local, local)
     if hasattr(param, "tp_index") and groups.tp_size > 1:
         full = full.index_select(param.partition_dim, param.tp_index.to(full.device))
     return full
-
-
-def full_state(model, groups: ParallelGroups, tensor_of=lambda param: param) -> dict[str, torch.Tensor]:
-    """name -> whole tensor of `tensor_of(param)` for every parameter (skipping those it maps to None)."""
-    return {name: full_tensor(param, tensor_of(param).detach(), groups)
-            for name, param in model.named_parameters() if tensor_of(param) is not None}
 
 
 def persistent_buffers(model) -> dict[str, torch.Tensor]:
@@ -57,10 +35,8 @@ def _master(param) -> bool:
 
 
 def _link_optimizer_state(engine) -> None:
-    """Make the Adam state exist and DeepSpeed's per-parameter views of it linked. Both happen lazily at the
-    first optimizer step, and a consolidated checkpoint is read or written without one; and where ZeRO 2
-    steps its parameter groups one at a time, that first link runs before the later groups have state,
-    so the link is made again here (tests/test_consolidate.py pins it)."""
+    """Make the Adam state exist and DeepSpeed's per-parameter views of it linked: both happen lazily at the
+    first optimizer step, and a consolidated checkpoint is loaded before one."""
     optimizer = _torch_optimizer(engine)
     for group in optimizer.param_groups:
         on_device = group.get("fused") or group.get("capturable")  # where torch's AdamW keeps its step
@@ -71,27 +47,7 @@ def _link_optimizer_state(engine) -> None:
                                              exp_avg_sq=torch.zeros_like(flat))
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)  # ZeRO 1/2 and bf16
     if link is not None:
-        engine.optimizer._hp_optimizer_states_linked = False
         link()
-
-
-def full_training_state(engine, model, groups: ParallelGroups) -> dict:
-    """fp32 weights and Adam moments of every parameter as whole tensors, and the Adam step.
-    Collective over every rank."""
-    _link_optimizer_state(engine)
-    params = {name: safe_get_full_fp32_param(p) if _master(p) else p.detach().float()
-              for name, p in model.named_parameters()}
-    optimizer = _torch_optimizer(engine)
-    moments = {}
-    for name, param in model.named_parameters():
-        state = None if _master(param) else optimizer.state.get(param)
-        moments[name] = {key: full_tensor(param, safe_get_full_optimizer_state(param, key) if _master(param)
-                                          else state[key], groups) for key in ADAM_MOMENTS}
-    return {
-        "params": {name: full_tensor(p, params[name], groups) for name, p in model.named_parameters()},
-        "moments": moments,
-        "adam_step": max((int(state["step"]) for state in optimizer.state.values() if "step" in state), default=0),
-    }
 
 
 @torch.no_grad()

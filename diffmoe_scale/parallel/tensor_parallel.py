@@ -2,7 +2,7 @@
 
 Attention: qkv is column parallel (each rank computes whole heads: its heads' q, k and v),
 proj is row parallel (partial sums all-reduced). Dense FFN: fc1 column parallel, fc2 row
-parallel. The sharded layers take their slices of the full layer the model was built with, so a
+parallel (`tensor_parallel_plan.sharded_linears` says which slice each rank holds). The sharded layers take their slices of the full layer the model was built with, so a
 TP run starts from exactly the TP=1 weights. MoE experts stay whole on each TP rank (the ranks of
 a TP group see the same tokens and route them identically).
 """
@@ -12,9 +12,9 @@ from megatron.core import ModelParallelConfig, parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
-from ..models import FeedForward
 from ..models.dit import Attention
 from .groups import ParallelGroups
+from .tensor_parallel_plan import sharded_linears
 
 
 class ColumnLinear(ColumnParallelLinear):
@@ -49,11 +49,6 @@ def _shard(linear: nn.Linear, kind, index: torch.Tensor, config: ModelParallelCo
     return layer
 
 
-def _rank_slice(size: int, tp: int, rank: int) -> torch.Tensor:
-    share = size // tp
-    return torch.arange(rank * share, (rank + 1) * share)
-
-
 def apply_tensor_parallel(model, groups: ParallelGroups) -> None:
     """Replace attention and dense FFN linears by their shards, made on the model's device (megatron-core
     makes them on the current CUDA device, or on the CPU with `use_cpu_initialization`)."""
@@ -61,20 +56,9 @@ def apply_tensor_parallel(model, groups: ParallelGroups) -> None:
     on_cpu = next(model.parameters()).device.type == "cpu"
     config = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=on_cpu,
                                  perform_initialization=False, params_dtype=torch.float32)
-    for module in list(model.modules()):
+    for owner, attribute, linear, column, index in list(sharded_linears(model, tp, rank)):
+        kind, options = (ColumnLinear, {"gather_output": False}) if column else (RowLinear, {"input_is_parallel": True})
+        setattr(owner, attribute, _shard(linear, kind, index, config, **options))
+    for module in model.modules():
         if isinstance(module, Attention):
-            dim = module.proj.in_features
-            own = _rank_slice(dim, tp, rank)  # this rank's heads' channels, in each of q, k and v
-            qkv_rows = torch.cat([own + part * dim for part in range(3)])
-            module.qkv = _shard(module.qkv, ColumnLinear, qkv_rows, config, gather_output=False)
-            module.proj = _shard(module.proj, RowLinear, own, config, input_is_parallel=True)
             module.num_heads //= tp
-        elif isinstance(module, FeedForward) and not _inside_moe(model, module):
-            own = _rank_slice(module.fc1.out_features, tp, rank)
-            module.fc1 = _shard(module.fc1, ColumnLinear, own, config, gather_output=False)
-            module.fc2 = _shard(module.fc2, RowLinear, own, config, input_is_parallel=True)
-
-
-def _inside_moe(model, module) -> bool:
-    """Whether `module` is a MoE layer's shared FFN (kept whole, as the experts)."""
-    return any(module is layer.shared_ffn for layer in model.moe_layers())

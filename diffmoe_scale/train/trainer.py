@@ -11,7 +11,7 @@ from ..config import Config, ConfigError, dump_config
 from ..data import ShuffledBatchSampler, build_dataset
 from ..diffusion import build_objective
 from ..parallel.collectives import average_over_ranks, barrier, broadcast_object, max_over_ranks
-from ..parallel.consolidate import full_state, full_training_state, load_full_training_state, persistent_buffers
+from ..parallel.consolidate import load_full_training_state, persistent_buffers
 from ..parallel.engine import build_engine
 from ..parallel.expert_parallel import apply_threshold_quantiles, rows_sent_to_other_ranks, take_pending_quantiles
 from ..parallel.groups import setup_groups
@@ -342,19 +342,10 @@ class Trainer:
             group.update(lr=optim.lr * lr_lambda(self.scheduler.last_epoch), betas=optim.betas,
                          weight_decay=optim.weight_decay)
 
-    def consolidated_state(self) -> dict:
-        """The whole training state as whole tensors (collective): what launch/checkpoint.py consolidates."""
-        ema_model = self.filled_ema_model()
-        return {
-            **full_training_state(self.engine, self.model, self.groups),
-            "buffers": persistent_buffers(self.model),
-            "ema": {**full_state(ema_model, self.groups), **persistent_buffers(ema_model)},
-            "trainer": self.trainer_state(),
-        }
-
     @torch.no_grad()
     def load_consolidated(self, path: Path) -> None:
-        state = torch.load(path / CONSOLIDATED_FILE, map_location="cpu", weights_only=False)
+        """Memory-mapped: every rank reads only its shards' pages (and the ranks of a node share them)."""
+        state = torch.load(path / CONSOLIDATED_FILE, map_location="cpu", mmap=True, weights_only=False)
         load_full_training_state(self.engine, self.model, self.groups, state)
         for name, buffer in persistent_buffers(self.model).items():
             buffer.copy_(state["buffers"][name])

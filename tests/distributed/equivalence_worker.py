@@ -1,6 +1,7 @@
 """Runs a few training steps of the real trainer under any launcher and saves, from rank 0, what
 the equivalence tests compare: per-step global losses and gradient norms, the first step's
-routing and full gradients, and the final full parameters, EMA and thresholds of every rank.
+routing and full gradients, and the final full parameters, EMA and thresholds of every rank; with
+--consolidation also its checkpoint and the whole state its ranks gather (tests/distributed/gather.py).
 
     torchrun --nproc_per_node 2 tests/distributed/equivalence_worker.py OUT.pt --config C --set parallel.ep=2
 """
@@ -12,11 +13,11 @@ import torch
 from diffmoe_scale.config import load_config
 from diffmoe_scale.models import DiT
 from diffmoe_scale.parallel.collectives import all_gather
-from diffmoe_scale.parallel.consolidate import full_state
 from diffmoe_scale.parallel.engine import grad_square_sums
 from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime
 from diffmoe_scale.parallel.sampling import sample_distributed
 from diffmoe_scale.train.trainer import Trainer, capacity_stats, mean_over_ranks
+from gather import full_state, gathered_state  # beside this file
 
 
 DIT_INIT = DiT._init_weights
@@ -77,6 +78,8 @@ def main():
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--checkpoint-dir", help="also save a DeepSpeed checkpoint here and load it back")
+    parser.add_argument("--consolidation", action="store_true",
+                        help="also save the trainer's checkpoint and the whole state the ranks gather from it")
     parser.add_argument("--local_rank", type=int, default=None)
     args = parser.parse_args()
     config = load_config(args.config, args.overrides)
@@ -105,6 +108,10 @@ def main():
     record["params"] = full_state(trainer.model, trainer.groups)
     record["thresholds"] = [gather_ranks(layer.thresholds.float()) for layer in trainer.model.moe_layers()]
     record["capacity"] = gather_ranks(torch.tensor(capacity_stats(trainer.model)[1]))
+    if args.consolidation:
+        trainer.save_checkpoint()
+        record["checkpoint"] = str(config.checkpoint_dir / f"step_{trainer.step:08d}")
+        record["gathered"] = gathered_state(trainer)
     ema_model = trainer.filled_ema_model()
     record["ema"] = full_state(ema_model, trainer.groups)  # the EMA is sharded as the masters: put back whole
     for layer in ema_model.moe_layers():  # mid-range thresholds: experts take different token counts

@@ -1,6 +1,5 @@
 """Trains under pretend CUDA (tests/pretend_cuda.py): the real launcher-facing start-up, trainer, DeepSpeed
-engine, checkpoints, end-of-run samples and the whole-tensor state consolidation gathers, every op and
-collective checked as a GPU and NCCL would. Writes RESULT (JSON, rank 0): the exit code, the device
+engine, checkpoints and end-of-run samples, every op and collective checked as a GPU and NCCL would. Writes RESULT (JSON, rank 0): the exit code, the device
 the runtime chose, the host syncs counted and the dtypes each kind of collective carried.
 
     torchrun --nproc_per_node 2 tests/distributed/pretend_cuda_worker.py RESULT --config C --set parallel.ep=2 ...
@@ -36,9 +35,7 @@ def main():
         from diffmoe_scale.train.trainer import Trainer
 
         runtime = init_runtime()
-        trainer = Trainer(config, runtime)
-        code = trainer.train(args.resume)
-        trainer.consolidated_state()
+        code = Trainer(config, runtime).train(args.resume)
     if runtime.is_main:
         collective_dtypes = {name: sorted(dtypes) for name, dtypes in mode.collective_dtypes.items()}
         Path(args.result).write_text(json.dumps({"exit_code": code, "device": str(runtime.device),

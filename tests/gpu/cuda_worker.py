@@ -39,9 +39,7 @@ def main():
     runtime = init_runtime()
     assert runtime.device.type == "cuda", runtime.device
     with mock.patch.object(c10d, "_get_object_coll_device", lambda group=None: "cuda"), CollectivesOnCuda():
-        trainer = Trainer(config, runtime)
-        code = trainer.train()
-        trainer.consolidated_state()
+        code = Trainer(config, runtime).train()
     shutdown_runtime()
     exit_process(code)
 
