@@ -368,6 +368,29 @@ def peak_bytes(memory: dict[str, int]) -> int:
     return persistent + max(memory["activations"], memory["gradients"]) + memory["recompute"]
 
 
+def checkpoint_bytes(params: Parameters, layout: Layout) -> dict[str, int]:
+    """Bytes one checkpoint writes over all ranks, and the host memory consolidating it takes.
+
+    DeepSpeed's model files hold the weights in the training precision, each tensor-parallel rank its shard
+    (replicated parameters once per TP rank, experts once). ZeRO 1/2 write each partition of the fp32
+    masters and Adam moments once; without ZeRO (fp32: the weights are the masters) DeepSpeed writes the
+    moments in the model file and again in each expert-parallel rank's file, so dense moments 1 + ep times
+    and expert moments 1 + 1/ep times. The EMA shards (train/ema.py) are written once; before the EMA was
+    sharded every rank wrote its whole copy (`ema_whole_per_rank`). Consolidation (train/consolidation.py)
+    holds fp32 weights, both moments and the EMA of every parameter once: 16 bytes per parameter."""
+    stored = sum(numel if kind in ("tensor_parallel", "experts") else numel * layout.tp for kind, numel in params.sizes)
+    experts = params.count("experts")
+    if layout.zero_stage:
+        model, optimizer = stored * PRECISION_BYTES[layout.precision], 3 * stored * FP32
+    else:
+        model = stored * FP32
+        optimizer = 2 * FP32 * ((stored - experts) * (1 + layout.ep) + experts * (1 + 1 / layout.ep))
+    local = sum(sum(sizes) for sizes in params.per_rank(layout))
+    total = sum(numel for _, numel in params.sizes)
+    return {"model": model, "optimizer": round(optimizer), "ema": stored * FP32,
+            "ema_whole_per_rank": local * FP32 * layout.world_size, "consolidation_memory": 4 * total * FP32}
+
+
 def estimate(config: Config, layout: Layout) -> dict:
     """Parameters, model state, activations, peak memory and communication of one rank (bytes)."""
     params = count_parameters(config)
@@ -380,6 +403,7 @@ def estimate(config: Config, layout: Layout) -> dict:
                        "per_rank_dense": dense, "per_rank_experts": experts},
         "memory": {**memory, "peak": peak_bytes(memory)},
         "communication": communication_bytes(config, layout, params),
+        "checkpoint": checkpoint_bytes(params, layout),
     }
 
 

@@ -8,8 +8,8 @@
 `consolidate` turns a sharded checkpoint into whole tensors that any parallel layout resumes from
 (another world size, EP or TP size, ZeRO stage), writing <checkpoint>_consolidated/ beside it, where
 `pretrain_diffmoe.py --resume auto` finds it. It runs as one CPU process that reads the checkpoint's
-files (memory-mapped) without starting ranks: it holds the whole state once, 16 bytes per parameter
-(fp32 weights, two Adam moments and the EMA), and a GPU-written checkpoint consolidates on any machine.
+files (memory-mapped) without starting ranks, and writes the whole tensors one part at a time (weights, each
+Adam moment, the EMA: 4 bytes per parameter each); a GPU-written checkpoint consolidates on any machine.
 """
 import argparse
 import json
@@ -23,10 +23,10 @@ from safetensors.torch import save_file
 
 from diffmoe_scale.cli import docstring_parser
 from diffmoe_scale.config import ConfigError
-from diffmoe_scale.train.checkpoint import (CONSOLIDATED, CONSOLIDATED_FILE, MANIFEST, SHARDED, atomic_torch_save,
-                                            code_version, consolidated_twin, describe_layout, is_checkpoint,
-                                            list_checkpoints, publish, read_ema_weights, read_manifest, verify)
-from diffmoe_scale.train.consolidation import consolidate_files
+from diffmoe_scale.train.checkpoint import (CONSOLIDATED, MANIFEST, SHARDED, code_version, consolidated_twin,
+                                            describe_layout, is_checkpoint, list_checkpoints, publish,
+                                            read_ema_weights, read_manifest, verify)
+from diffmoe_scale.train.consolidation import write_consolidated
 
 
 def fail(message: str) -> int:
@@ -71,11 +71,10 @@ def consolidate(args) -> int:
     out = Path(args.out) if args.out else consolidated_twin(path)
     print(f"consolidating {path} ({describe_layout(manifest['layout'])}) -> {out}", flush=True)
     began = time.perf_counter()
-    state = consolidate_files(path, manifest)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    atomic_torch_save(state, out / CONSOLIDATED_FILE)
+    write_consolidated(path, manifest, out)
     meta = {key: manifest[key] for key in ("step", "run_id", "layout", "config")}
     publish(out, {**meta, "kind": CONSOLIDATED, "code_version": code_version(),
                   "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "consolidated_from": str(path)})

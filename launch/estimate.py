@@ -72,6 +72,12 @@ def print_estimates(config_path: str, estimates: list[dict], gpu_memory: float) 
     print("\nsent per rank and step")
     for key, label in COMMUNICATION_ROWS.items():
         print(f"  {label:<30}" + "".join(f"{size(e['communication'][key]):>{column}}" for e in estimates))
+    checkpoint = first["checkpoint"]
+    written = checkpoint["model"] + checkpoint["optimizer"] + checkpoint["ema"]
+    print(f"\ncheckpoint (all ranks): {size(written)} per save (model {size(checkpoint['model'])}, optimizer "
+          f"{size(checkpoint['optimizer'])}, EMA {size(checkpoint['ema'])}; a whole EMA per rank would be "
+          f"{size(checkpoint['ema_whole_per_rank'])}); consolidating it holds {size(checkpoint['consolidation_memory'])} "
+          f"of host memory")
 
 
 def print_measurements(estimated: dict, measured: list[dict]) -> None:

@@ -10,8 +10,8 @@ import torch
 from diffmoe_scale.config import load_config
 from diffmoe_scale.parallel import engine as engine_module
 from diffmoe_scale.parallel.consolidate import _torch_optimizer
-from diffmoe_scale.train.checkpoint import CONSOLIDATED_FILE, MANIFEST
-from diffmoe_scale.train.consolidation import consolidate_files
+from diffmoe_scale.train.checkpoint import MANIFEST, read_consolidated
+from diffmoe_scale.train.consolidation import write_consolidated
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,10 +43,9 @@ def test_fused_adamw_state_round_trips_through_consolidation(runtime, tmp_path, 
         trained.train_step()
     trained.save_checkpoint()
     checkpoint = tmp_path / "a" / "checkpoints" / "step_00000003"
-    state = consolidate_files(checkpoint, json.loads((checkpoint / MANIFEST).read_text()))
-    assert state["adam_step"] == 3
     (tmp_path / "consolidated").mkdir()
-    torch.save(state, tmp_path / "consolidated" / CONSOLIDATED_FILE)
+    write_consolidated(checkpoint, json.loads((checkpoint / MANIFEST).read_text()), tmp_path / "consolidated")
+    assert read_consolidated(tmp_path / "consolidated")["adam_step"] == 3
 
     resumed = trainer_for(runtime, tmp_path / "b")
     resumed.load_consolidated(tmp_path / "consolidated")

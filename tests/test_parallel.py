@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from diffmoe_scale.parallel.runtime import use_this_environments_ninja
-from diffmoe_scale.train.checkpoint import MANIFEST
-from diffmoe_scale.train.consolidation import consolidate_files
+from diffmoe_scale.train.checkpoint import MANIFEST, read_consolidated
+from diffmoe_scale.train.consolidation import write_consolidated
 from tests.helpers import clean_env, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,8 +73,10 @@ def assert_consolidates_as_gathered(record: dict):
     """The checkpoint's files, read in one process (launch/checkpoint.py consolidate), give exactly the whole
     state the ranks gathered through the engine at the same step."""
     checkpoint = Path(record["checkpoint"])
-    ours = consolidate_files(checkpoint, json.loads((checkpoint / MANIFEST).read_text()))
-    gathered = record["gathered"]
+    out = checkpoint.with_name(checkpoint.name + "_consolidated")
+    out.mkdir()
+    write_consolidated(checkpoint, json.loads((checkpoint / MANIFEST).read_text()), out)
+    ours, gathered = read_consolidated(out), record["gathered"]
     assert ours["adam_step"] == gathered["adam_step"] and ours["trainer"].keys() == gathered["trainer"].keys()
     for kind in ("params", "buffers", "ema"):
         assert ours[kind].keys() == gathered[kind].keys(), kind

@@ -4,7 +4,8 @@
   step_00001000/               a sharded checkpoint (a DeepSpeed tag): DeepSpeed's model, per-expert
                                and optimizer files, trainer_rank_<r>.pt per rank, and manifest.json
   step_00001000_consolidated/  the same state as whole tensors (launch/checkpoint.py consolidate),
-                               which any parallel layout can resume from
+                               which any parallel layout can resume from: weights.pt, exp_avg.pt,
+                               exp_avg_sq.pt, ema.pt, state.pt
   latest                       the name of the newest published checkpoint
 
 A checkpoint counts only once its manifest.json exists and every file it lists has the recorded
@@ -31,7 +32,8 @@ from ..config import ConfigError
 from ..parallel.collectives import all_gather_objects, barrier, broadcast_object
 
 MANIFEST = "manifest.json"
-CONSOLIDATED_FILE = "consolidated.pt"
+# A consolidated checkpoint: <part>.pt for each part, written one at a time (train/consolidation.py).
+CONSOLIDATED_PARTS = ("weights", "exp_avg", "exp_avg_sq", "ema", "state")
 SHARDED = "sharded"
 CONSOLIDATED = "consolidated"
 _NAME = re.compile(r"step_(\d+)(_consolidated)?$")
@@ -378,8 +380,19 @@ def read_ema_weights(path: Path) -> tuple[dict, dict[str, torch.Tensor], int]:
     if manifest["kind"] != CONSOLIDATED:
         raise ValueError(f"{path} is a sharded checkpoint: export its EMA weights first "
                          f"(python launch/checkpoint.py export-ema {path} --out ema.safetensors)")
-    ema = torch.load(path / CONSOLIDATED_FILE, map_location="cpu", weights_only=False)["ema"]
+    ema = torch.load(path / "ema.pt", map_location="cpu", mmap=True, weights_only=False)
     return manifest["config"], {plain_name(name): tensor for name, tensor in ema.items()}, manifest["step"]
+
+
+def read_consolidated(path: Path) -> dict:
+    """A consolidated checkpoint's whole tensors, memory-mapped (a rank reads the pages of its shards only):
+    "params" (fp32 weights), "moments" (name -> exp_avg, exp_avg_sq), "ema" (weights and buffers), "buffers",
+    "adam_step", "trainer" (the trainer's position)."""
+    part = {name: torch.load(path / f"{name}.pt", map_location="cpu", mmap=True, weights_only=False)
+            for name in CONSOLIDATED_PARTS}
+    moments = {name: {"exp_avg": part["exp_avg"][name], "exp_avg_sq": part["exp_avg_sq"][name]}
+               for name in part["weights"]}
+    return {"params": part["weights"], "moments": moments, "ema": part["ema"], **part["state"]}
 
 
 def capture_rng() -> dict:

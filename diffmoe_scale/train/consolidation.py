@@ -2,7 +2,8 @@
 
 What `launch/checkpoint.py consolidate` writes, and what any parallel layout then resumes from: the fp32
 weights, both Adam moments and the EMA of every parameter as whole tensors (named as the trained model
-names them), the Adam step, the buffers (DiffMoE thresholds) and the trainer's position.
+names them), the Adam step, the buffers (DiffMoE thresholds) and the trainer's position, in the parts
+`checkpoint.CONSOLIDATED_PARTS` names (read back by `checkpoint.read_consolidated`).
 
 Where each piece lies in the files (DeepSpeed 0.19's layout; tests/test_consolidation.py checks every
 layout against what a training process gathers itself):
@@ -19,8 +20,8 @@ layout against what a training process gathers itself):
 A rank r of the layout is tensor-parallel rank r % tp and data-parallel rank d = r // tp; its experts are
 those of expert-parallel rank d % ep, and within their expert-data-parallel group it is rank d // ep.
 
-Memory: the output (16 bytes per parameter: weight, two moments, EMA, all fp32) plus one tensor-parallel
-parameter's shards at a time; the files are memory-mapped, so only what is read is resident.
+Memory: one part at a time (the weights, each moment, the EMA: 4 bytes per parameter each), the shards of that
+part as they are read, and the pages of the files read for it (memory-mapped, released after each part).
 """
 from pathlib import Path
 from typing import NamedTuple
@@ -30,7 +31,7 @@ import torch
 from ..config import Config, config_from_dict
 from ..models import build_model, is_moe_block
 from ..parallel.tensor_parallel_plan import sharded_linears
-from .checkpoint import rank_state_name
+from .checkpoint import atomic_torch_save, rank_state_name
 
 
 class Piece(NamedTuple):
@@ -215,30 +216,27 @@ def read_ema(files: Files, shards: LocalShards) -> dict:
     return files.load(rank_state_name(0))
 
 
-KINDS = ("params", "exp_avg", "exp_avg_sq", "ema")
-
-
-def consolidate_files(path: Path, manifest: dict) -> dict:
-    """The consolidated state of the sharded checkpoint at `path` (see the module docstring)."""
+def write_consolidated(path: Path, manifest: dict, out: Path) -> None:
+    """Consolidate the sharded checkpoint at `path` into `out` (see the module docstring), one part at a time:
+    weights, each moment and the EMA are each computed, written and dropped before the next."""
     config = config_from_dict(manifest["config"], source=str(path / "manifest.json"))
     files = Files(path, manifest["layout"])
     pieces = model_pieces(config, files.tp)
-    result, steps = {}, []
-    for kind in KINDS:  # one kind at a time: the shards of one kind at most beside the output
+    steps = []
+    for part, kind in (("weights", "params"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq"), ("ema", "ema")):
         shards = LocalShards(pieces, files)
         if kind == "ema":
             trainer = read_ema(files, shards)
-        elif files.zero:
-            steps.append(read_zero(files, kind, shards))
+            whole_tensors = {**shards.whole(), **trainer["ema"]["buffers"]}
         else:
-            steps.append(read_unpartitioned(files, kind, shards, config))
-        result[kind] = shards.whole()
+            steps.append(read_zero(files, kind, shards) if files.zero else
+                         read_unpartitioned(files, kind, shards, config))
+            whole_tensors = shards.whole()
+        atomic_torch_save(whole_tensors, out / f"{part}.pt")
+        del shards, whole_tensors
         files.release()
     module = files.model_states(0)
-    buffers = {name: module["module"][name].float() for name in module["buffer_names"]}
+    state = {"adam_step": max(steps), "buffers": {name: module["module"][name].float() for name in module["buffer_names"]},
+             "trainer": {key: value for key, value in trainer.items() if key not in ("rng", "ema")}}
+    atomic_torch_save(state, out / "state.pt")
     files.release()
-    return {"params": result["params"],
-            "moments": {name: {"exp_avg": result["exp_avg"][name], "exp_avg_sq": result["exp_avg_sq"][name]}
-                        for name in result["params"]},
-            "adam_step": max(steps), "buffers": buffers, "ema": {**result["ema"], **trainer["ema"]["buffers"]},
-            "trainer": {key: value for key, value in trainer.items() if key not in ("rng", "ema")}}

@@ -20,9 +20,9 @@ from ..parallel.precision import PRECISION_DTYPES, CastAtModelBoundary, enable_t
 from ..parallel.runtime import Runtime
 from ..parallel.sampling import sample_distributed
 from .capacity import CapacityByCondition
-from .checkpoint import (CONSOLIDATED_FILE, SHARDED, atomic_torch_save, atomic_write_text, capture_rng, code_version,
+from .checkpoint import (SHARDED, atomic_torch_save, atomic_write_text, capture_rng, code_version,
                          config_changes, find_resumable, is_checkpoint, layout_mismatch, prune, publish,
-                         rank_state_name, restore_rng, set_aside, tag_for, verify)
+                         rank_state_name, read_consolidated, restore_rng, set_aside, tag_for, verify)
 from .disk_space import ensure_room, reporting_write_errors
 from .ema import ShardedEMA
 from .health import StepHealth, nonfinite_losses
@@ -344,8 +344,7 @@ class Trainer:
 
     @torch.no_grad()
     def load_consolidated(self, path: Path) -> None:
-        """Memory-mapped: every rank reads only its shards' pages (and the ranks of a node share them)."""
-        state = torch.load(path / CONSOLIDATED_FILE, map_location="cpu", mmap=True, weights_only=False)
+        state = read_consolidated(path)  # memory-mapped: each rank reads its shards' pages only
         load_full_training_state(self.engine, self.model, self.groups, state)
         for name, buffer in persistent_buffers(self.model).items():
             buffer.copy_(state["buffers"][name])
