@@ -301,6 +301,21 @@ def test_retention_and_the_same_step_cleanup_delete_only_what_they_can_read(tmp_
     assert checkpoint.list_checkpoints(tmp_path) == []
 
 
+@pytest.mark.slow
+def test_two_data_parallel_ranks_write_the_state_once(straight_ep2_runs, tmp_path):
+    """The EMA is sharded as ZeRO shards the optimizer state: an EP=2 checkpoint on two data-parallel ranks
+    writes at most 1.05x the bytes of one process's checkpoint of the same model at the same ZeRO stage (every
+    rank wrote a whole EMA before). Its bit-exact resume: test_sigkill_and_resume_equals_straight_run_with_ep2."""
+    one = tmp_path / "one"
+    run(command(one, *EP2_ZERO1_BF16[1:], "train.max_steps=8"))
+
+    def written(run_dir: Path) -> int:
+        manifest = json.loads((run_dir / "checkpoints" / "step_00000008" / MANIFEST).read_text())
+        return sum(size for size, _ in manifest["files"].values())
+
+    assert written(straight_ep2_runs(EP2_ZERO1_BF16)) <= 1.05 * written(one)
+
+
 def test_flipped_byte_and_missing_manifest_make_a_checkpoint_unusable(tmp_path):
     older, newer = write_fake_checkpoint(tmp_path, 8), write_fake_checkpoint(tmp_path, 16)
     write_fake_checkpoint(tmp_path, 24, complete=False)  # died while saving

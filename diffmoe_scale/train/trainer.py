@@ -25,6 +25,8 @@ from .checkpoint import (SHARDED, atomic_torch_save, atomic_write_text, capture_
                          rank_state_name, read_consolidated, restore_rng, set_aside, tag_for, verify)
 from .disk_space import ensure_room, reporting_write_errors
 from .ema import ShardedEMA
+from .faults import inject as inject_fault
+from .faults import planned as planned_fault
 from .health import StepHealth, nonfinite_losses
 from .images import save_grid
 from .metrics import MetricsLog, cut_metrics_after
@@ -82,6 +84,7 @@ class Trainer:
         self.runtime = runtime
         self.out_dir = Path(config.train.out_dir)
         check_precision(config)
+        planned_fault()  # a mistyped DIFFMOE_FAULT fails here, before training
         enable_tf32(config.train.tf32)
         use_deterministic_algorithms(config.train.deterministic)
         self.groups = groups = setup_groups(config)
@@ -236,6 +239,7 @@ class Trainer:
                 if every and self.step % every == 0:
                     self.watchdog.tick(self.step, "saving a checkpoint")
                     self.save_checkpoint()
+                inject_fault("step", self.step, self.runtime.rank)
         finally:
             log.close()
         return 0
@@ -265,6 +269,7 @@ class Trainer:
             atomic_torch_save({**self.trainer_state(), "rng": capture_rng(), "ema": self.ema.state_dict()},
                               path / rank_state_name(self.runtime.rank))
             barrier()
+            inject_fault("save", self.step, self.runtime.rank)
             manifest = publish(path, self.checkpoint_meta(SHARDED))
             if is_main:
                 atomic_write_text(root / "latest", path.name + "\n")
