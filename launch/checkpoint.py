@@ -86,6 +86,7 @@ def consolidate_on_this_rank(path: Path, manifest: dict, out: Path) -> int:
     try:
         trainer = Trainer(config_from_dict(manifest["config"], source=str(path / MANIFEST)), runtime)
         trainer.resume(str(path))
+        trainer.run_id, trainer.branched_from = manifest["run_id"], manifest.get("branched_from")  # the same run
         state = trainer.consolidated_state()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
