@@ -10,6 +10,7 @@ from pathlib import Path
 from diffmoe_scale.cli import report_error
 from diffmoe_scale.config import ConfigError, load_config
 from diffmoe_scale.parallel.launcher import report_exit_status, tie_to_launcher
+from diffmoe_scale.train.resume_policy import check_allowable
 from diffmoe_scale.train.stop import StopRequest
 
 
@@ -34,9 +35,17 @@ def parse_args(argv=None):
     resume = parser.add_mutually_exclusive_group()
     resume.add_argument("--resume", default="auto", metavar="auto|PATH",
                         help="auto (default): continue from the newest intact checkpoint of the run directory if "
-                        "there is one; PATH: from that checkpoint (sharded or consolidated) or directory of them")
+                        "there is one; PATH: from that checkpoint (sharded or consolidated) or directory of them; "
+                        "a PATH outside this run's checkpoint directory starts a new run (new run and W&B id) that "
+                        "records its source run")
     resume.add_argument("--no-resume", dest="resume", action="store_const", const="none",
-                        help="start fresh; existing checkpoints of the run are moved aside, not deleted")
+                        help="start fresh; the run's existing checkpoints and metrics.jsonl are moved aside, not "
+                        "deleted")
+    parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                        help="resume although KEY, a setting of the training maths (e.g. moe.capacity, train.seed; "
+                        "pool_tokens: the tokens per training pool that the parallel layout sets; dataset_size), "
+                        "differs from the checkpoint's; such a change is refused otherwise (exit 2). Repeatable; "
+                        "the classes of keys are in docs/long-runs.md")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return parser.parse_args(argv)
 
@@ -46,6 +55,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
+        check_allowable(args.allow_change)
     except ConfigError as err:
         report_error(f"config error: {err}")
         report_exit_status(2)
@@ -64,7 +74,7 @@ def main(argv=None) -> int:
     try:
         with run_directory_lock(Path(config.train.out_dir), runtime.is_main):
             trainer = Trainer(config, runtime, stop)
-            code = trainer.train(args.resume)
+            code = trainer.train(args.resume, tuple(args.allow_change))
     except ConfigError as err:  # raised by parts that check the config against what this build has
         report_error(f"config error: {err}")
         code = 2

@@ -75,7 +75,7 @@ def consolidate(args) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     write_consolidated(path, manifest, out)
-    meta = {key: manifest[key] for key in ("step", "run_id", "layout", "config")}
+    meta = {key: manifest[key] for key in ("step", "run_id", "branched_from", "layout", "config") if key in manifest}
     publish(out, {**meta, "kind": CONSOLIDATED, "code_version": code_version(),
                   "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "consolidated_from": str(path)})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB

@@ -14,13 +14,15 @@ SIZES = [(20, 30), (48, 36), (33, 33), (70, 40)]  # odd, wide, tall, large
 FAKE_LAYOUT = {"world_size": 1, "tp": 1, "ep": 1, "zero_stage": 0, "precision": "fp32"}
 
 
-def write_fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
-    """A checkpoint directory with one random file and, when complete, a manifest for it."""
-    path = root / f"step_{step:08d}"
+def write_fake_checkpoint(root: Path, step: int, complete: bool = True, consolidated: bool = False) -> Path:
+    """A checkpoint directory (sharded, or its consolidated copy) with one random file and, when complete, a
+    manifest for it."""
+    path = root / (f"step_{step:08d}" + ("_consolidated" if consolidated else ""))
     path.mkdir(parents=True)
     (path / "weights.pt").write_bytes(os.urandom(64))
     if complete:
-        manifest = {"kind": "sharded", "step": step, "layout": FAKE_LAYOUT, "run_id": "fake", "code_version": "x",
+        kind = "consolidated" if consolidated else "sharded"
+        manifest = {"kind": kind, "step": step, "layout": FAKE_LAYOUT, "run_id": "fake", "code_version": "x",
                     "saved_at": "now", "config": {"model": {"depth": 2, "hidden_size": 8}, "moe": {"ffn": "dense"}},
                     "files": {"weights.pt": file_digest(path / "weights.pt")}}
         (path / MANIFEST).write_text(json.dumps(manifest))

@@ -15,7 +15,7 @@ import torch
 
 from diffmoe_scale.config import ConfigError
 from diffmoe_scale.train import checkpoint
-from diffmoe_scale.train.checkpoint import MANIFEST, config_changes, find_resumable, make_room_for, prune, verify
+from diffmoe_scale.train.checkpoint import MANIFEST, find_resumable, make_room_for, prune, verify
 from diffmoe_scale.train.stop import EXIT_PREEMPTED
 from tests.helpers import FAKE_LAYOUT, clean_env, read_metrics, write_fake_checkpoint
 
@@ -212,6 +212,35 @@ def test_config_changes_on_resume(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_change_of_training_maths_is_refused_unless_allowed(tmp_path):
+    tiny = ("train.max_steps=4", "checkpoint.every_steps=0")
+    first = run(command(tmp_path, *tiny))
+    assert "token pool 512 tokens (ep_group: 32 images x 16 tokens)" in first  # the header line
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    changed = ("train.max_steps=6", "checkpoint.every_steps=0", "moe.capacity=2.0", "train.grad_accum_steps=2")
+    refused = run(command(tmp_path, *changed), expected=2)
+    checkpoint = tmp_path / "checkpoints" / "step_00000004"
+    assert (f"config error: checkpoint {checkpoint} was trained with other training maths: moe.capacity: 1.0 -> 2.0; "
+            f"train.grad_accum_steps: 1 -> 2; pool_tokens: 512 -> 256. Resume with its values, or accept the change "
+            f"with --allow-change moe.capacity --allow-change train.grad_accum_steps --allow-change pool_tokens"
+            ) in refused
+    assert "Traceback" not in refused
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written
+    allow = ("--allow-change", "moe.capacity", "--allow-change", "train.grad_accum_steps", "--allow-change", "pool_tokens")
+    output = run(command(tmp_path, *changed, resume=allow))
+    assert ("resuming with changed training maths, allowed by --allow-change: moe.capacity: 1.0 -> 2.0; "
+            "train.grad_accum_steps: 1 -> 2; pool_tokens: 512 -> 256") in output
+    assert "resuming with a changed config: train.max_steps: 4 -> 6" in output
+    assert "token pool 256 tokens (ep_group: 16 images x 16 tokens)" in output
+    assert resumed_step(output) == 4 and [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 7))
+    manifest = json.loads((tmp_path / "checkpoints" / "step_00000006" / MANIFEST).read_text())
+    assert (manifest["config"]["moe"]["capacity"], manifest["config"]["train"]["grad_accum_steps"]) == (2.0, 2)
+    # A name that is no refused change is itself refused, before anything starts.
+    unknown = run(command(tmp_path, "train.max_steps=8", resume=("--allow-change", "optim.lr")), expected=2)
+    assert "config error: --allow-change optim.lr: not a change that a resume refuses; the names are" in unknown
+
+
+@pytest.mark.slow
 def test_no_resume_sets_old_checkpoints_and_metrics_aside(tmp_path):
     run(command(tmp_path, "train.max_steps=8", "optim.lr=5e-4"))
     output = run(command(tmp_path, "train.max_steps=8", resume=("--no-resume",)))
@@ -328,6 +357,27 @@ def test_flipped_byte_and_missing_manifest_make_a_checkpoint_unusable(tmp_path):
     assert path == older
 
 
+def test_retention_deletes_dead_unfinished_saves_and_the_consolidated_copies_of_what_it_deletes(tmp_path, monkeypatch):
+    for step in (100, 200, 300, 400):
+        write_fake_checkpoint(tmp_path, step)
+    copies = {step: write_fake_checkpoint(tmp_path, step, consolidated=True) for step in (100, 400)}
+    unfinished_copy = write_fake_checkpoint(tmp_path, 200, complete=False, consolidated=True)  # may be being written
+    dead = write_fake_checkpoint(tmp_path, 250, complete=False)  # a save that died before the one of step 300
+    unreadable_dead = write_fake_checkpoint(tmp_path, 150, complete=False)
+    unreadable(monkeypatch, {unreadable_dead: errno.EACCES})
+    newest_unfinished = write_fake_checkpoint(tmp_path, 500, complete=False)  # newer than every complete one
+    deleted = prune(tmp_path, keep_last=2, keep_every=0)
+    assert sorted(p.name for p in deleted) == ["step_00000100", "step_00000100_consolidated", "step_00000200",
+                                                "step_00000250"]
+    assert not dead.exists() and not copies[100].exists()
+    for kept in (copies[400], unfinished_copy, unreadable_dead, newest_unfinished, tmp_path / "step_00000300"):
+        assert kept.is_dir(), kept
+    # With no complete checkpoint, nothing tells a dead save from the first one still being written.
+    empty = tmp_path / "other"
+    first = write_fake_checkpoint(empty, 8, complete=False)
+    assert prune(empty, keep_last=1, keep_every=0) == [] and first.is_dir()
+
+
 def test_retention_keeps_the_last_k_and_every_m(tmp_path):
     for step in range(100, 1100, 100):
         write_fake_checkpoint(tmp_path, step)
@@ -336,16 +386,6 @@ def test_retention_keeps_the_last_k_and_every_m(tmp_path):
     left = sorted(int(p.name[5:]) for p in tmp_path.glob("step_*"))
     assert left == [500, 900, 1000, 1100]
     assert len(deleted) == 7
-
-
-def test_config_changes_split_model_defining_keys_from_the_rest():
-    saved = {"model": {"depth": 6, "class_dropout": 0.1}, "moe": {"num_experts": 4, "capacity": 1.0},
-             "optim": {"lr": 1e-3}}
-    current = {"model": {"depth": 6, "class_dropout": 0.2}, "moe": {"num_experts": 8, "capacity": 2.0},
-               "optim": {"lr": 1e-4}}
-    blocking, allowed = config_changes(saved, current)
-    assert blocking == ["moe.num_experts: 4 -> 8"]
-    assert allowed == ["model.class_dropout: 0.1 -> 0.2", "moe.capacity: 1.0 -> 2.0", "optim.lr: 0.001 -> 0.0001"]
 
 
 def checkpoint_tool(*args: str) -> str:

@@ -42,7 +42,7 @@ def test_config_files_found():
         "digits_diffmoe_e4_flow.yaml", "digits_diffmoe_e4_ddpm.yaml", "digits_dense_flow.yaml",
         "digits_token_choice_e4_flow.yaml", "digits_expert_choice_e4_flow.yaml",
     } <= names
-    assert len([n for n in names if n.startswith("imagenet/")]) == len(EXPECTED_IMAGENET)
+    assert len([n for n in names if n.startswith("imagenet/")]) == len(EXPECTED_IMAGENET) + len(AUTHORS_RELEASES)
 
 
 @pytest.fixture
@@ -140,6 +140,56 @@ def test_imagenet_config_matches_name_and_paper(stem):
     assert (config.train.precision, config.train.tf32, config.parallel.zero_stage) == ("bf16", True, 1)
     assert (config.checkpoint.every_steps, config.checkpoint.keep_last, config.checkpoint.keep_every) == (
         10_000, 3, 500_000)
+
+
+# ----------------------------------------------------------------------------------------------
+# The authors' released run, beside ours
+
+# KwaiVGI/DiffMoE at commit 3b7146d (config/000_DiffMoE_S_E16_Flow.yaml and the code that reads it), read
+# by hand: what each of our keys must be for their S-E16-Flow run.
+AUTHORS_S_E16_FLOW = {
+    "model.depth": 12, "model.hidden_size": 384, "model.num_heads": 16, "model.mlp_ratio": 4.0, "model.patch_size": 2,
+    "model.input_size": 16, "model.in_channels": 4, "model.num_classes": 1000, "model.class_dropout": 0.1,
+    "model.learn_sigma": True,
+    "moe.ffn": "diffmoe", "moe.num_experts": 16, "moe.interleave": True, "moe.capacity": 1.0, "moe.shared_expert": False,
+    "moe.predictor_loss_weight": 1.0, "moe.threshold_ema": 0.95, "moe.pool": "local",
+    "moe.inference_routing": "threshold",
+    "diffusion.objective": "flow", "sample.sampler": "euler", "sample.steps": 250, "sample.cfg_scale": 1.0,
+    "data.dataset": "latents", "data.hflip": True,
+    "optim.lr": 1e-4, "optim.betas": [0.9, 0.999], "optim.weight_decay": 0.0, "optim.warmup_steps": 0,
+    "optim.grad_clip": 0.0,
+    "train.global_batch_size": 512, "train.grad_accum_steps": 1, "train.max_steps": 1000 * (1_281_167 // 512),
+    "train.seed": 1234, "train.ema_decay": 0.9999, "train.precision": "fp32", "train.tf32": True,
+    "parallel.ep": 1, "parallel.tp": 1, "parallel.zero_stage": 0,
+    "logging.every_steps": 100, "checkpoint.every_steps": 50_000, "checkpoint.keep_every": 50_000,
+}
+AUTHORS_RELEASES = {"diffmoe_s_e16_flow_authors": ("diffmoe_s_e16_flow", AUTHORS_S_E16_FLOW)}
+
+
+@pytest.mark.parametrize("stem", sorted(AUTHORS_RELEASES))
+def test_the_authors_release_is_reproduced_key_by_key(stem):
+    from diffmoe_scale.train.resume_policy import flatten, pool_tokens
+
+    ours_stem, theirs = AUTHORS_RELEASES[stem]
+    path = IMAGENET_DIR / f"{stem}.yaml"
+    config = load_config(path)
+    values = flatten(config.to_dict())
+    wrong = {key: (values[key], value) for key, value in theirs.items() if values[key] != value}
+    assert not wrong, f"{path.name}: key: (ours, the authors') {wrong}"
+    # Every value says where it comes from (a comment on its line), the run directory aside.
+    lines = [line for line in path.read_text().splitlines() if re.match(r"\s+\w+:\s*\S", line)]
+    bare = [line for line in lines if "#" not in line and "out_dir" not in line]
+    assert not bare, bare
+    # Their pool is each GPU's batch: 128 images of 64 tokens on the 4 GPUs of their README, 512 on train.sh's one.
+    layout = {"world_size": 4, "tp": 1, "ep": 1}
+    assert pool_tokens(config.to_dict(), layout) == 128 * 64
+    assert pool_tokens(config.to_dict(), {**layout, "world_size": 1}) == 512 * 64
+    # Beside our S-E16-Flow, it differs in what their run does differently, and in nothing else.
+    ours = flatten(load_config(IMAGENET_DIR / f"{ours_stem}.yaml").to_dict())
+    assert {key for key in values if values[key] != ours[key]} == {
+        "model.size", "model.num_heads", "model.input_size", "moe.pool", "data.path", "train.global_batch_size",
+        "train.max_steps", "train.out_dir", "train.seed", "train.precision", "parallel.zero_stage",
+        "checkpoint.every_steps", "checkpoint.keep_every"}
 
 
 # ----------------------------------------------------------------------------------------------

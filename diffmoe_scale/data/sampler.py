@@ -41,7 +41,14 @@ class ShuffledBatchSampler:
         return global_batch[rows], flips[rows]
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.seed, "global_batch_size": self.global_batch_size}
+        """The position, and what decides the sequence it is a position in."""
+        return {"step": self.step, "seed": self.seed, "global_batch_size": self.global_batch_size,
+                "dataset_size": self.dataset_size}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> dict[str, tuple]:
+        """Restores the position; returns {name: (saved, now)} for each of the seed, the global batch and the
+        dataset size that differs from the state's (any of them changes which images a step draws). States
+        written before the dataset size was recorded cannot tell a change of it."""
         self.step = state["step"]
+        return {name: (state[name], getattr(self, name)) for name in ("seed", "global_batch_size", "dataset_size")
+                if name in state and state[name] != getattr(self, name)}

@@ -38,11 +38,6 @@ SHARDED = "sharded"
 CONSOLIDATED = "consolidated"
 _NAME = re.compile(r"step_(\d+)(_consolidated)?$")
 
-# Config keys that decide the parameters' shapes or meaning: a checkpoint cannot continue with others.
-_MODEL_DEFINING = ("model.", "moe.ffn", "moe.num_experts", "moe.interleave", "moe.shared_expert",
-                   "diffusion.objective")
-_FREE_MODEL_KEYS = ("model.class_dropout",)
-
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
@@ -216,25 +211,40 @@ def newest_complete(root: Path) -> tuple[Path, dict] | None:
     return None
 
 
+def _step(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
+
+
 def prune(root: Path, keep_last: int, keep_every: int, keep: tuple[Path, ...] = ()) -> list[Path]:
-    """Delete sharded checkpoints outside the retention rule (the newest `keep_last` complete ones,
-    every one whose step is a multiple of `keep_every`, and those in `keep`); returns what it deleted.
-    Only checkpoints whose manifest reads back are candidates: what cannot be read is never deleted."""
-    complete = [p for p in list_checkpoints(root) if _NAME.match(p.name).group(2) is None
-                and read_manifest(p)[1] is None]
+    """Delete sharded checkpoints outside the retention rule (the newest `keep_last` complete ones, every
+    one whose step is a multiple of `keep_every`, and those in `keep`) with their complete consolidated
+    copies, and unfinished saves (no manifest) of steps before the newest complete checkpoint; returns what
+    it deleted. Only checkpoints whose manifest reads back, or that certainly have none, are candidates:
+    what cannot be read is never deleted. Rank 0 calls it only between saves, so an unfinished sharded save
+    older than a complete one is dead; an unfinished consolidated copy is left, since
+    `launch/checkpoint.py consolidate` may be writing it."""
+    sharded = [p for p in list_checkpoints(root) if _NAME.match(p.name).group(2) is None]
+    problems = {p: read_manifest(p)[1] for p in sharded}
+    complete = [p for p in sharded if problems[p] is None]
     kept = set(complete[:keep_last]) | set(keep)
     if keep_every:
-        kept |= {p for p in complete if int(_NAME.match(p.name).group(1)) % keep_every == 0}
+        kept |= {p for p in complete if _step(p) % keep_every == 0}
+    unfinished = [p for p in sharded if complete and problems[p] == NO_MANIFEST and _step(p) < _step(complete[0])]
+    twins = [consolidated_twin(p) for p in complete if p not in kept]
     deleted = []
-    for path in complete:
-        if path in kept:
-            continue
+    for path in [p for p in complete if p not in kept] + [t for t in twins if read_manifest(t)[1] is None]:
         try:
             (path / MANIFEST).unlink()  # first, so a half-deleted checkpoint never looks complete
             deleted.append(path)
             shutil.rmtree(path)
         except OSError as err:
             print(f"warning: retention could not delete {path}: {err}", flush=True)
+    for path in unfinished:
+        try:
+            shutil.rmtree(path)
+            deleted.append(path)
+        except OSError as err:
+            print(f"warning: retention could not delete the unfinished save {path}: {err}", flush=True)
     return deleted
 
 
@@ -318,24 +328,6 @@ def layout_mismatch(path: Path, saved: dict, current: dict) -> str:
 def describe_layout(layout: dict) -> str:
     return (f"{layout['world_size']} ranks (tp {layout['tp']}, ep {layout['ep']}), ZeRO {layout['zero_stage']}, "
             f"{layout['precision']}")
-
-
-def flatten(config: dict) -> dict:
-    return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
-
-
-def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """(changes that cannot resume, changes that can) between a checkpoint's config and this run's,
-    each as "key: old -> new"."""
-    old, new = flatten(saved), flatten(current)
-    blocking, allowed = [], []
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) == new.get(key):
-            continue
-        change = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-        defining = key.startswith(_MODEL_DEFINING) and key not in _FREE_MODEL_KEYS
-        (blocking if defining else allowed).append(change)
-    return blocking, allowed
 
 
 def code_version() -> str:

@@ -20,9 +20,9 @@ from ..parallel.precision import PRECISION_DTYPES, CastAtModelBoundary, enable_t
 from ..parallel.runtime import Runtime
 from ..parallel.sampling import sample_distributed
 from .capacity import CapacityByCondition
-from .checkpoint import (SHARDED, atomic_torch_save, atomic_write_text, capture_rng, code_version,
-                         config_changes, find_resumable, is_checkpoint, layout_mismatch, prune, publish,
-                         rank_state_name, read_consolidated, restore_rng, set_aside, tag_for, verify)
+from .checkpoint import (SHARDED, atomic_torch_save, atomic_write_text, capture_rng, code_version, find_resumable,
+                         is_checkpoint, layout_mismatch, prune, publish, rank_state_name, read_consolidated,
+                         restore_rng, set_aside, tag_for, verify)
 from .disk_space import ensure_room, reporting_write_errors
 from .ema import ShardedEMA
 from .faults import inject as inject_fault
@@ -30,6 +30,8 @@ from .faults import planned as planned_fault
 from .health import StepHealth, nonfinite_losses
 from .images import save_grid
 from .metrics import MetricsLog, cut_metrics_after
+from .resume_policy import ResumeRule, describe_pool
+from .run_identity import resumed_identity
 from .stop import StopRequest
 from .watchdog import StallWatchdog
 from .wandb_run import WandbRun
@@ -103,6 +105,8 @@ class Trainer:
         self.step = 0
         self.saved_step = None  # step of the newest checkpoint this process wrote or resumed from
         self.run_id = broadcast_object(uuid.uuid4().hex[:12] if runtime.is_main else None)  # kept on resume
+        self.branched_from = None  # the source run of a run started from another run's checkpoint
+        self.resume_rule = ResumeRule()  # set by `resume`, with the changes it may accept
         self.weights = loss_weights(config)
         self.rows_sent_logged = 0  # all-to-all rows sent to other ranks up to the last metrics record
         self.capacity_by_condition = CapacityByCondition(config.model.num_classes, runtime.device)
@@ -127,7 +131,8 @@ class Trainer:
         print(f"model: {params / 1e6:.2f}M parameters on rank 0, {len(self.model.moe_layers())} MoE layers "
               f"({config.moe.ffn}); {groups.world_size} ranks ({self.runtime.launcher}): "
               f"dp {groups.dp_size} x tp {groups.tp_size}, ep {groups.ep_size}, ZeRO {config.parallel.zero_stage}, "
-              f"{config.train.precision}; run directory {self.out_dir}", flush=True)
+              f"{config.train.precision}; {describe_pool(config.to_dict(), self.layout())}; run directory "
+              f"{self.out_dir}", flush=True)
 
     def next_rank_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """This rank's rows of the next global batch: images, labels and their random draws, in fp32.
@@ -186,12 +191,13 @@ class Trainer:
                   f"step skipped ({health.in_a_row} in a row, {health.skipped_steps} in all)", flush=True)
         return losses, grad_norm
 
-    def train(self, resume: str = "auto") -> int:
-        """Resumes as `resume` says (see `resume`), runs to train.max_steps; returns the exit code."""
+    def train(self, resume: str = "auto", allow_change: tuple[str, ...] = ()) -> int:
+        """Resumes as `resume` says (see `resume`; `allow_change`: the changes of training maths accepted, see
+        resume_policy.py), runs to train.max_steps; returns the exit code."""
         self.watchdog = StallWatchdog(self.runtime.rank, self.config.parallel.stall_warning_minutes * 60)
         try:
             self.watchdog.tick(self.step, "resuming")
-            self.resume(resume)
+            self.resume(resume, allow_change)
             self.prepare_run_dir()
             exit_code = self.run_steps()
             self.watchdog.tick(self.step, "saving a checkpoint")
@@ -212,7 +218,8 @@ class Trainer:
         """Trains until train.max_steps or a stop request; returns the stop's exit code (0: none)."""
         config, every = self.config, self.config.checkpoint.every_steps
         is_main = self.runtime.is_main
-        wandb_run = WandbRun(config, self.run_id, self.out_dir) if config.logging.wandb and is_main else None
+        wandb_run = (WandbRun(config, self.run_id, self.out_dir, self.branched_from)
+                     if config.logging.wandb and is_main else None)
         log = MetricsLog(self.out_dir / "metrics.jsonl", config.train.max_steps, is_main, self.step, wandb_run)
         try:
             window_start, window_steps = time.perf_counter(), 0
@@ -251,9 +258,9 @@ class Trainer:
                 "zero_stage": config.parallel.zero_stage, "precision": config.train.precision}
 
     def checkpoint_meta(self, kind: str) -> dict:
-        return {"kind": kind, "step": self.step, "run_id": self.run_id, "code_version": code_version(),
-                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "layout": self.layout(),
-                "config": self.config.to_dict()}
+        return {"kind": kind, "step": self.step, "run_id": self.run_id, "branched_from": self.branched_from,
+                "code_version": code_version(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "layout": self.layout(), "config": self.config.to_dict()}
 
     def save_checkpoint(self) -> None:
         """A sharded checkpoint of this step, published once complete on every rank (collective)."""
@@ -280,10 +287,12 @@ class Trainer:
             print(f"checkpoint: {path} ({size:.1f} MiB, {time.perf_counter() - start:.1f} s)"
                   + (f"; deleted {', '.join(p.name for p in deleted)}" if deleted else ""), flush=True)
 
-    def resume(self, request: str) -> None:
+    def resume(self, request: str, allow_change: tuple[str, ...] = ()) -> None:
         """request: "auto" (the newest intact checkpoint under checkpoint_dir, if any), "none" (start
-        fresh, setting existing checkpoints aside), or the path of a checkpoint or of a directory of them."""
+        fresh, setting existing checkpoints aside), or the path of a checkpoint or of a directory of them.
+        A checkpoint outside checkpoint_dir starts a branch (run_identity.py)."""
         root, is_main = self.config.checkpoint_dir, self.runtime.is_main
+        self.resume_rule = ResumeRule(allow_change, is_main)
         if request == "none":
             if is_main and os.path.lexists(root):
                 print(f"warning: starting fresh; the existing checkpoints were moved to {set_aside(root)}", flush=True)
@@ -308,19 +317,17 @@ class Trainer:
             self.load_sharded(path)
         else:
             self.load_consolidated(path)
-        self.run_id, self.saved_step = manifest["run_id"], self.step
+        self.run_id, self.branched_from = resumed_identity(path, manifest, root, self.run_id)
+        self.saved_step = self.step
         if is_main:
-            print(f"resumed from {path} at step {self.step}", flush=True)
+            source = manifest["run_id"]
+            branch = f" as run {self.run_id}, a branch of run {source}" if self.run_id != source else ""
+            print(f"resumed from {path} at step {self.step}{branch}", flush=True)
 
     def check_resumable_config(self, path: Path, manifest: dict) -> None:
         if manifest["kind"] == SHARDED and manifest["layout"] != self.layout():
             raise ConfigError(layout_mismatch(path, manifest["layout"], self.layout()))
-        blocking, allowed = config_changes(manifest["config"], self.config.to_dict())
-        if blocking:
-            raise ConfigError(f"checkpoint {path} holds another model; it cannot continue with "
-                              f"{'; '.join(blocking)} (start a new run directory, or --no-resume)")
-        if allowed and self.runtime.is_main:
-            print(f"resuming with a changed config: {'; '.join(allowed)}", flush=True)
+        self.resume_rule.check_config(path, manifest, self.config.to_dict(), self.layout())
 
     def load_sharded(self, path: Path) -> None:
         self.engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
@@ -339,7 +346,7 @@ class Trainer:
         or warmup applies from here)."""
         self.step = state["step"]
         self.health.load_state_dict(state)
-        self.sampler.load_state_dict(state["sampler"])
+        self.resume_rule.check_data(self.sampler.load_state_dict(state["sampler"]))
         self.scheduler.load_state_dict(state["lr_scheduler"])
         optim = self.config.optim
         self.scheduler.base_lrs = [optim.lr] * len(self.scheduler.base_lrs)
