@@ -2,7 +2,7 @@
 
 Everything is in bytes per rank. Memory:
 - model state as our DeepSpeed engine allocates it (contiguous gradients, reduce-scatter, no
-  overlap; see parallel/engine.py): the parameters in the training precision, their gradients,
+  overlap; see parallel/engine.py): the parameters in the training precision, their fp32 gradients,
   ZeRO's reduce bucket, fp32 master weights, Adam's two fp32 moments, and the trainer's fp32 EMA
   copy. ZeRO 1/2 partition dense parameters' optimizer state over the data-parallel group and
   expert parameters' over the expert-data-parallel group; ZeRO 2 also partitions the gradients;
@@ -150,8 +150,8 @@ MODEL_STATE_KINDS = ("parameters", "gradients", "reduce_bucket", "master_weights
 def model_state_bytes(params: Parameters, layout: Layout) -> dict[str, int]:
     """What DeepSpeed and the trainer hold per rank besides activations (see the module docstring).
 
-    Gradients: in the training precision, the whole local model except under ZeRO 2 (ZeRO 1 reduces
-    them into a partition only after the backward). The reduce bucket exists from the start of each
+    Gradients: fp32 (bf16 accumulates and reduces them in fp32, parallel/precision.py), the whole local
+    model except under ZeRO 2 (ZeRO 1 reduces them into a partition only after the backward). The reduce bucket exists from the start of each
     backward until its reduction. Master weights: fp32, unless the parameters are fp32 and ZeRO is
     off; ZeRO 1/2 keep an fp32 copy of the partition even for fp32 parameters."""
     width = PRECISION_BYTES[layout.precision]
@@ -170,7 +170,7 @@ def model_state_bytes(params: Parameters, layout: Layout) -> dict[str, int]:
     ema = partition if layout.zero_stage else sum(-(-size // ranks) for sizes, ranks in groups for size in sizes)
     return {
         "parameters": local * width,
-        "gradients": gradients * width,
+        "gradients": gradients * FP32,
         "reduce_bucket": REDUCE_BUCKET_ELEMENTS * width if layout.zero_stage else 0,
         "master_weights": partition * FP32 if has_master else 0,
         "optimizer_state": 2 * partition * FP32,
@@ -348,10 +348,10 @@ def communication_bytes(config: Config, layout: Layout, params: Parameters) -> d
 def _reduction(count: int, ranks: int, layout: Layout) -> float:
     """Gradient reduction of `count` parameters over `ranks`: an all-reduce (ZeRO 0); a reduce-scatter,
     then an all-gather of the updated partition (ZeRO 1); the same with a reduce-scatter per
-    micro-batch (ZeRO 2). ZeRO 0 and 1 reduce once per step."""
-    share, grad_bytes = (ranks - 1) / ranks, count * PRECISION_BYTES[layout.precision]
+    micro-batch (ZeRO 2). ZeRO 0 and 1 reduce once per step. Gradients travel in fp32, the updated
+    parameters in the training precision."""
     reduce_scatters = layout.grad_accum if layout.zero_stage == 2 else 1
-    return share * grad_bytes * (reduce_scatters + 1)
+    return (ranks - 1) / ranks * count * (reduce_scatters * FP32 + PRECISION_BYTES[layout.precision])
 
 
 # ----------------------------------------------------------------------------------------------

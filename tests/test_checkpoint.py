@@ -4,10 +4,8 @@ retention keeps what it should."""
 import errno
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,9 +20,9 @@ from tests.helpers import FAKE_LAYOUT, clean_env, read_metrics, write_fake_check
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 CONFIG = "configs/digits_diffmoe_e4_flow.yaml"
-STEPS = 24
+STEPS = 12
 COMMON = ["train.global_batch_size=32", f"train.max_steps={STEPS}", "logging.every_steps=1",
-          "checkpoint.every_steps=8", "checkpoint.keep_last=5", "sample.steps=2", "sample.per_class=1"]
+          "checkpoint.every_steps=4", "checkpoint.keep_last=5", "sample.steps=2", "sample.per_class=1"]
 # Metrics that a run's numbers decide (not its clock).
 DETERMINED = ("loss", "predictor_loss", "grad_norm", "lr", "c_avg", "capacity")
 
@@ -38,33 +36,10 @@ def command(out_dir: Path, *overrides: str, nproc: int = 1, resume: tuple = ()) 
     return [str(TORCHRUN), "--standalone", "--nproc_per_node", str(nproc), *train]
 
 
-def start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def descendants(pid: int) -> list[int]:
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited meanwhile
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, frontier = [], [pid]
-    while frontier:
-        frontier = [child for parent in frontier for child in children.get(parent, [])]
-        found += frontier
-    return found
-
-
-def kill_hard(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher and every rank (torchrun's workers live in sessions of their own)."""
-    for pid in [proc.pid, *descendants(proc.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
+def start(cmd: list[str], fault: str | None = None) -> subprocess.Popen:
+    """`fault`: a DIFFMOE_FAULT (train/faults.py), e.g. "sigkill@step:7": every rank fails there."""
+    env = clean_env() | ({"DIFFMOE_FAULT": fault} if fault else {})
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(proc: subprocess.Popen, expected: int = 0) -> str:
@@ -73,17 +48,15 @@ def finish(proc: subprocess.Popen, expected: int = 0) -> str:
     return output
 
 
-def run(cmd: list[str], expected: int = 0) -> str:
-    return finish(start(cmd), expected)
+def run(cmd: list[str], expected: int = 0, fault: str | None = None) -> str:
+    return finish(start(cmd, fault), expected)
 
 
-def wait_for_step(proc: subprocess.Popen, out_dir: Path, step: int) -> None:
-    metrics, deadline = out_dir / "metrics.jsonl", time.time() + 300
-    while not (metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()
-                                        if line.endswith("}"))):
-        assert proc.poll() is None, proc.communicate()[0][-4000:]
-        assert time.time() < deadline, "the run did not reach the step in time"
-        time.sleep(0.2)
+def killed(cmd: list[str], fault: str) -> None:
+    """Run `cmd` until `fault` (a SIGKILL) ends every rank, as a crash of the whole job would."""
+    proc = start(cmd, fault)
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode != 0, output[-3000:]
 
 
 def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -149,53 +122,47 @@ def straight_ep2_runs(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_equals_straight_run(straight, tmp_path):
-    proc = start(command(tmp_path))
-    wait_for_step(proc, tmp_path, 13)
-    kill_hard(proc)
+@pytest.mark.parametrize("fault,resumed", [("sigkill@step:7", 4), ("sigkill@save:8", 4)],
+                         ids=["between-checkpoints", "during-a-save"])
+def test_sigkill_and_resume_equals_straight_run(straight, tmp_path, fault, resumed):
+    """Killed after step 7 (the newest checkpoint is step 4), or in the middle of writing step 8's checkpoint
+    (its files written, its manifest not): the rerun resumes from step 4 and equals a straight run."""
+    killed(command(tmp_path), fault)
     output = run(command(tmp_path))
-    assert resumed_step(output) in (8, 16)
+    assert resumed_step(output) == resumed
     assert_same_run(tmp_path, straight)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [EP2, EP2_ZERO1_BF16], ids=["ep2", "ep2-zero1-bf16"])
 def test_sigkill_and_resume_equals_straight_run_with_ep2(overrides, straight_ep2_runs, tmp_path):
-    proc = start(command(tmp_path, *overrides, nproc=2))
-    wait_for_step(proc, tmp_path, 11)
-    kill_hard(proc)
+    killed(command(tmp_path, *overrides, nproc=2), "sigkill@step:7")
     output = run(command(tmp_path, *overrides, nproc=2))
-    assert resumed_step(output) in (8, 16)
+    assert resumed_step(output) == 4
     assert_same_run(tmp_path, straight_ep2_runs(overrides))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
-def test_preemption_signal_saves_at_the_next_step_and_resumes_exactly(signum, straight, tmp_path):
-    proc = start(command(tmp_path, "checkpoint.every_steps=0"))
-    wait_for_step(proc, tmp_path, 5)
-    os.kill(proc.pid, signum)
-    output = finish(proc, EXIT_PREEMPTED)
-    stopped = int(output.split("stopped at step ")[1].split(";")[0])
-    assert 5 <= stopped < STEPS and "Traceback" not in output
-    assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == [f"step_{stopped:08d}"]
-    assert resumed_step(run(command(tmp_path, "checkpoint.every_steps=0"))) == stopped
+@pytest.mark.parametrize("signal_name", ["SIGUSR1", "SIGTERM"])
+def test_preemption_signal_saves_at_the_next_step_and_resumes_exactly(signal_name, straight, tmp_path):
+    output = run(command(tmp_path, "checkpoint.every_steps=0"), EXIT_PREEMPTED, fault=f"{signal_name}@step:5")
+    assert "stopped at step 5;" in output and "Traceback" not in output
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == ["step_00000005"]
+    assert resumed_step(run(command(tmp_path, "checkpoint.every_steps=0"))) == 5
     assert_same_run(tmp_path, straight)
 
 
 @pytest.mark.slow
 def test_truncated_newest_checkpoint_is_skipped_for_the_previous(straight, tmp_path):
-    proc = start(command(tmp_path))
-    wait_for_step(proc, tmp_path, 17)
-    kill_hard(proc)
-    damaged = tmp_path / "checkpoints" / "step_00000016"
+    killed(command(tmp_path), "sigkill@step:9")
+    damaged = tmp_path / "checkpoints" / "step_00000008"
     optimizer_file = next(damaged.glob("*optim_states.pt"))
     optimizer_file.write_bytes(optimizer_file.read_bytes()[:1000])
     refused = run(command(tmp_path, resume=("--resume", str(damaged))), expected=2)
     assert f"--resume {damaged}: 1 file(s) differ from its manifest, e.g. {optimizer_file.name}: 1000 bytes" in refused
     output = run(command(tmp_path))
     assert f"warning: skipping checkpoint {damaged}" in output and optimizer_file.name in output
-    assert resumed_step(output) == 8
+    assert resumed_step(output) == 4
     assert_same_run(tmp_path, straight)
 
 
@@ -404,33 +371,33 @@ def assert_continues(ours: Path, straight: Path, from_step: int) -> None:
 
 @pytest.mark.slow
 def test_ep2_zero1_checkpoint_resumes_on_one_process_after_consolidation(straight_ep2_runs, tmp_path):
-    run(command(tmp_path, "parallel.ep=2", "parallel.zero_stage=1", "train.max_steps=16", nproc=2))
-    sharded = tmp_path / "checkpoints" / "step_00000016"
+    run(command(tmp_path, "parallel.ep=2", "parallel.zero_stage=1", "train.max_steps=8", nproc=2))
+    sharded = tmp_path / "checkpoints" / "step_00000008"
     refused = run(command(tmp_path), expected=2)
     assert f"python launch/checkpoint.py consolidate {sharded}" in refused
-    assert "consolidated step 16" in checkpoint_tool("consolidate", str(sharded))
+    assert "consolidated step 8" in checkpoint_tool("consolidate", str(sharded))
     output = run(command(tmp_path))
-    assert f"resumed from {sharded}_consolidated at step 16" in output
-    assert_continues(tmp_path, straight_ep2_runs(EP2), 16)
+    assert f"resumed from {sharded}_consolidated at step 8" in output
+    assert_continues(tmp_path, straight_ep2_runs(EP2), 8)
 
 
 @pytest.mark.slow
 def test_one_process_checkpoint_resumes_with_ep2_and_zero2(straight, tmp_path):
     source, branch = tmp_path / "source", tmp_path / "branch"
-    run(command(source, "train.max_steps=16"))
-    checkpoint_tool("consolidate", str(source / "checkpoints" / "step_00000016"))
+    run(command(source, "train.max_steps=8"))
+    checkpoint_tool("consolidate", str(source / "checkpoints" / "step_00000008"))
     # A new run directory started from another run's checkpoint, named explicitly.
-    consolidated = source / "checkpoints" / "step_00000016_consolidated"
+    consolidated = source / "checkpoints" / "step_00000008_consolidated"
     run(command(branch, "parallel.ep=2", "parallel.zero_stage=2", nproc=2, resume=("--resume", str(consolidated))))
-    assert_continues(branch, straight, 16)
+    assert_continues(branch, straight, 8)
 
 
 @pytest.mark.slow
 def test_tp2_checkpoint_resumes_on_one_process_after_consolidation(straight, tmp_path):
-    run(command(tmp_path, "parallel.tp=2", "train.max_steps=16", nproc=2))
-    checkpoint_tool("consolidate", str(tmp_path / "checkpoints" / "step_00000016"))
+    run(command(tmp_path, "parallel.tp=2", "train.max_steps=8", nproc=2))
+    checkpoint_tool("consolidate", str(tmp_path / "checkpoints" / "step_00000008"))
     run(command(tmp_path))
-    assert_continues(tmp_path, straight, 16)
+    assert_continues(tmp_path, straight, 8)
 
 
 @pytest.mark.slow

@@ -1,9 +1,10 @@
 """Scale-out equivalence on real processes (gloo on CPU): every parallel layout trains exactly as
 one process does, and every launcher starts the same training.
 
-Each case runs `tests/distributed/equivalence_worker.py` (the real trainer and DeepSpeed engine)
-under torchrun and compares its per-step losses, first-step routing and gradients, and final
-parameters and thresholds with a single-process reference on the same global batch.
+The cases run in `tests/distributed/equivalence_worker.py` (the real trainer and DeepSpeed engine), one
+launch per world size: every case of that size runs in the same torchrun ranks, one after the other,
+each on its own trainer. Each compares its per-step losses, first-step routing and gradients, and final
+parameters, EMA and thresholds with a single-process reference on the same global batch.
 """
 import json
 import os
@@ -25,39 +26,71 @@ VENV_BIN = Path(sys.executable).parent
 CONFIG = "configs/digits_diffmoe_e4_flow.yaml"
 COMMON = ["train.global_batch_size=32", "logging.every_steps=1"]
 RTOL = 1e-5  # fp32: one process and P ranks differ only in the order of float sums
+EP2 = ["parallel.ep=2"]
+
+# name -> (overrides, options); "consolidation": also compare the checkpoint's files with the gathered state.
+ONE_RANK = {
+    "reference": ([], {}),  # the whole batch as one pool
+    "two_pools": (["train.grad_accum_steps=2"], {}),  # two micro-batches: two pools, as two data-parallel EP groups
+    "expert_choice": (["moe.ffn=expert_choice", "moe.pool=sample"], {}),
+}
+TWO_RANKS = {
+    "ep2": (EP2, {"consolidation": True}),
+    "dp2": ([], {}),
+    "local_pool_ep2": ([*EP2, "moe.pool=local"], {}),
+    "expert_choice_ep2": ([*EP2, "moe.ffn=expert_choice", "moe.pool=sample"], {}),
+    "zero1": ([*EP2, "parallel.zero_stage=1"], {"consolidation": True}),
+    "zero2": ([*EP2, "parallel.zero_stage=2"], {"consolidation": True}),
+    "checkpointing": ([*EP2, "parallel.activation_checkpointing=true"], {}),
+    "all_to_all_plain": (EP2, {"steps": 1}),
+    "all_to_all_checkpointed": ([*EP2, "parallel.activation_checkpointing=true"], {"steps": 1}),
+    "deepspeed_files": (EP2, {"steps": 1, "checkpoint_dir": "deepspeed_checkpoint"}),
+    "bf16": ([*EP2, "parallel.zero_stage=1", "train.precision=bf16"], {"consolidation": True}),
+    "tp2": (["parallel.tp=2"], {"consolidation": True}),  # last: megatron-core's groups stay
+}
+FOUR_RANKS = {
+    "dp4_ep2": (EP2, {"consolidation": True}),
+    "ep4": (["parallel.ep=4"], {}),
+    "tp2_ep2_zero1": (["parallel.tp=2", *EP2, "parallel.zero_stage=1"], {"consolidation": True}),  # last
+}
 
 pytestmark = pytest.mark.slow
 
 
-def run_checked(cmd: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
+def run_checked(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
     output = f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     assert result.returncode == 0, f"{' '.join(cmd)} exited {result.returncode}:\n{output}"
     return result
 
 
-def run_worker(tmp_path, nproc: int, *overrides: str, steps: int = 3) -> dict:
-    out = tmp_path / f"record_{nproc}.pt"
-    args = ["tests/distributed/equivalence_worker.py", str(out), "--config", CONFIG, "--steps", str(steps)]
-    for override in (*COMMON, f"train.out_dir={tmp_path / f'run_{nproc}'}", *overrides):
-        args += [override] if override.startswith("--") else ["--set", override]
-    if nproc == 1:
-        run_checked([sys.executable, *args])
-    else:
-        run_checked([str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), *args])
-    return torch.load(out)
+def run_cases(out_dir: Path, nproc: int, cases: dict) -> dict[str, dict]:
+    """Every case in one launch of `nproc` ranks; name -> its record."""
+    specs = [{"name": name, "overrides": [*COMMON, *overrides], **options} for name, (overrides, options) in cases.items()]
+    for spec in specs:
+        if "checkpoint_dir" in spec:
+            spec["checkpoint_dir"] = str(out_dir / spec["checkpoint_dir"])
+    (out_dir / "cases.json").write_text(json.dumps(specs))
+    args = ["tests/distributed/equivalence_worker.py", str(out_dir), str(out_dir / "cases.json"), "--config", CONFIG]
+    launcher = [sys.executable] if nproc == 1 else [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node",
+                                                    str(nproc)]
+    run_checked([*launcher, *args])
+    return {name: torch.load(out_dir / f"{name}.pt", weights_only=False) for name in cases}
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One process, the whole batch as one pool."""
-    return run_worker(tmp_path_factory.mktemp("reference"), 1)
+def one_rank(tmp_path_factory):
+    return run_cases(tmp_path_factory.mktemp("one_rank"), 1, ONE_RANK)
 
 
 @pytest.fixture(scope="module")
-def reference_two_pools(tmp_path_factory):
-    """One process, the batch in two micro-batches: two pools, as two data-parallel EP groups."""
-    return run_worker(tmp_path_factory.mktemp("reference_two_pools"), 1, "train.grad_accum_steps=2")
+def two_ranks(tmp_path_factory):
+    return run_cases(tmp_path_factory.mktemp("two_ranks"), 2, TWO_RANKS)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    return run_cases(tmp_path_factory.mktemp("four_ranks"), 4, FOUR_RANKS)
 
 
 def assert_close_tensors(ours: dict, ref: dict, what: str, rtol: float = RTOL, atol: float = 0.0):
@@ -121,68 +154,60 @@ def assert_same_training(ours: dict, ref: dict, *, routing=True, grads=True):
         torch.testing.assert_close(ours["samples"], ref["samples"], rtol=1e-4, atol=1e-4)
 
 
-def test_ep2_equals_one_process(reference, tmp_path):
-    assert_same_training(run_worker(tmp_path, 2, "parallel.ep=2", "--consolidation"), reference)
+def test_ep2_equals_one_process(one_rank, two_ranks):
+    assert_same_training(two_ranks["ep2"], one_rank["reference"])
 
 
-def test_ep4_on_four_ranks_equals_one_process(reference, tmp_path):
-    assert_same_training(run_worker(tmp_path, 4, "parallel.ep=4"), reference)
+def test_ep4_on_four_ranks_equals_one_process(one_rank, four_ranks):
+    assert_same_training(four_ranks["ep4"], one_rank["reference"])
 
 
-def test_dp2_ep1_equals_one_process_with_two_pools(reference_two_pools, tmp_path):
-    assert_same_training(run_worker(tmp_path, 2), reference_two_pools, routing=False)
+def test_dp2_ep1_equals_one_process_with_two_pools(one_rank, two_ranks):
+    assert_same_training(two_ranks["dp2"], one_rank["two_pools"], routing=False)
 
 
-def test_dp4_ep2_equals_one_process_with_two_pools(reference_two_pools, tmp_path):
-    assert_same_training(run_worker(tmp_path, 4, "parallel.ep=2", "--consolidation"), reference_two_pools,
-                         routing=False)
+def test_dp4_ep2_equals_one_process_with_two_pools(one_rank, four_ranks):
+    assert_same_training(four_ranks["dp4_ep2"], one_rank["two_pools"], routing=False)
 
 
-def test_local_pool_with_ep2_keeps_each_rank_batch_as_its_pool(reference_two_pools, tmp_path):
+def test_local_pool_with_ep2_keeps_each_rank_batch_as_its_pool(one_rank, two_ranks):
     # moe.pool=local (the authors' DDP semantics) with sharded experts: two pools, one per rank.
-    assert_same_training(run_worker(tmp_path, 2, "parallel.ep=2", "moe.pool=local"), reference_two_pools,
-                         routing=False)
+    assert_same_training(two_ranks["local_pool_ep2"], one_rank["two_pools"], routing=False)
 
 
-def test_expert_choice_baseline_with_ep2(tmp_path):
+def test_expert_choice_baseline_with_ep2(one_rank, two_ranks):
     # EC-DiT: each sample is its own pool whatever the layout.
-    expert_choice = ("moe.ffn=expert_choice", "moe.pool=sample")
-    assert_same_training(run_worker(tmp_path, 2, "parallel.ep=2", *expert_choice),
-                         run_worker(tmp_path, 1, *expert_choice))
+    assert_same_training(two_ranks["expert_choice_ep2"], one_rank["expert_choice"])
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_zero_stages_match_stage_0(reference, tmp_path, stage):
+def test_zero_stages_match_stage_0(one_rank, two_ranks, stage):
     # ZeRO keeps reduced gradients in its own partitions: compare losses, norms and parameters.
-    assert_same_training(run_worker(tmp_path, 2, "parallel.ep=2", f"parallel.zero_stage={stage}", "--consolidation"),
-                         reference, grads=False)
+    assert_same_training(two_ranks[f"zero{stage}"], one_rank["reference"], grads=False)
 
 
-def test_activation_checkpointing_matches_plain_backward(reference, tmp_path):
+def test_activation_checkpointing_matches_plain_backward(one_rank, two_ranks):
     # Same routing, same gradients, thresholds updated once per step (not again by the recompute).
-    ours = run_worker(tmp_path, 2, "parallel.ep=2", "parallel.activation_checkpointing=true")
-    assert_same_training(ours, reference)
+    assert_same_training(two_ranks["checkpointing"], one_rank["reference"])
 
 
-def test_tp2_equals_tp1(reference, tmp_path):
-    assert_same_training(run_worker(tmp_path, 2, "parallel.tp=2", "--consolidation"), reference)
+def test_tp2_equals_tp1(one_rank, two_ranks):
+    assert_same_training(two_ranks["tp2"], one_rank["reference"])
 
 
-def test_tp2_with_ep2_and_zero1(reference, tmp_path):
-    ours = run_worker(tmp_path, 4, "parallel.tp=2", "parallel.ep=2", "parallel.zero_stage=1", "--consolidation")
-    assert_same_training(ours, reference, grads=False)
+def test_tp2_with_ep2_and_zero1(one_rank, four_ranks):
+    assert_same_training(four_ranks["tp2_ep2_zero1"], one_rank["reference"], grads=False)
 
 
 @pytest.mark.parametrize("checkpointing,passes", [(False, 2), (True, 3)], ids=["plain", "checkpointed"])
-def test_all_to_all_moves_exactly_the_routed_tokens(reference, tmp_path, checkpointing, passes):
+def test_all_to_all_moves_exactly_the_routed_tokens(one_rank, two_ranks, checkpointing, passes):
     """Rows each rank sends to each peer in step 1 (out and back) equal the count derived from the
     routing mask: each (token, expert) pair once per direction and pass, no padding to capacity.
     The passes: forward and backward, plus the recomputed forward under activation checkpointing."""
     ranks = 2
-    ours = run_worker(tmp_path, ranks, "parallel.ep=2", f"parallel.activation_checkpointing={checkpointing}",
-                      steps=1)
+    ours = two_ranks["all_to_all_checkpointed" if checkpointing else "all_to_all_plain"]
     experts_per_rank = 4 // ranks
-    for layer, (mask, sent) in enumerate(zip(reference["masks"], ours["rows_sent"])):
+    for layer, (mask, sent) in enumerate(zip(one_rank["reference"]["masks"], ours["rows_sent"])):
         tokens_per_rank = len(mask) // ranks
         owner = torch.arange(len(mask)) // tokens_per_rank
         holder = torch.arange(mask.shape[1]) // experts_per_rank
@@ -194,11 +219,11 @@ def test_all_to_all_moves_exactly_the_routed_tokens(reference, tmp_path, checkpo
         assert sent.sum() == 2 * passes * mask.sum()
 
 
-def test_deepspeed_checkpoint_writes_one_file_per_expert(reference, tmp_path):
+def test_deepspeed_checkpoint_writes_one_file_per_expert(two_ranks):
     """DeepSpeed knows the experts: its checkpoint of an EP=2 run files each expert of each MoE layer
     separately (under its global id), keeps them out of the model file, and loads back exactly."""
-    checkpoint = tmp_path / "checkpoint"
-    ours = run_worker(tmp_path, 2, "parallel.ep=2", f"--checkpoint-dir={checkpoint}", steps=1)
+    ours = two_ranks["deepspeed_files"]
+    checkpoint = Path(ours["checkpoint_files_dir"])
     expert_files = {f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
                     for layer in range(3) for expert in range(4)}
     assert expert_files <= set(ours["checkpoint_files"])
@@ -210,12 +235,10 @@ def test_deepspeed_checkpoint_writes_one_file_per_expert(reference, tmp_path):
     assert torch.equal(w1, ours["params"]["blocks.3.ffn.deepspeed_moe.experts.w1"][3])
 
 
-def test_bf16_tracks_fp32(reference, tmp_path):
-    ours = run_worker(tmp_path, 2, "parallel.ep=2", "parallel.zero_stage=1", "train.precision=bf16",
-                      "--consolidation")
-    for loss, ref_loss in zip(ours["loss"], reference["loss"]):
+def test_bf16_tracks_fp32(one_rank, two_ranks):
+    for loss, ref_loss in zip(two_ranks["bf16"]["loss"], one_rank["reference"]["loss"]):
         assert loss["diffusion"] == pytest.approx(ref_loss["diffusion"], rel=0.02)
-    assert_consolidates_as_gathered(ours)
+    assert_consolidates_as_gathered(two_ranks["bf16"])
 
 
 def test_fp16_on_cpu_is_refused_clearly(tmp_path):

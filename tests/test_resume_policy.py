@@ -178,10 +178,11 @@ def wandb_runs(out_dir: Path) -> list[tuple[str, dict]]:
 
     found = []
     for run_dir in sorted((out_dir / "wandb").glob("offline-run-*")):
-        records = wandb_records(next(run_dir.glob("run-*.wandb")))
+        run_file = next(run_dir.glob("run-*.wandb"))  # run-<id>.wandb; the directory may carry a suffix
+        records = wandb_records(run_file)
         config = {item.key: json.loads(item.value_json) for r in records if r.HasField("run")
                   for item in r.run.config.update}
-        found.append((run_dir.name.rsplit("-", 1)[1], config))
+        found.append((run_file.stem.removeprefix("run-"), config))
     return found
 
 

@@ -13,9 +13,10 @@ layout against what a training process gathers itself):
   for DeepSpeed's universal checkpoints); the partition of rank k of the group starts at k x its size (the
   last one's master partition is saved without its padding, `group_paddings`), and a parameter starts
   where its first fragment does;
-- without ZeRO (fp32): the weights are the model's (`mp_rank_<tp>_model_states.pt`, experts in
-  `layer_<l>_expert_<e>_mp_rank_<tp>_model_states.pt`) and `expp_rank_<ep>_mp_rank_<tp>_optim_states.pt`
-  holds torch's optimizer state of every parameter of that expert-parallel rank;
+- without ZeRO (fp32): the weights are the model's (`mp_rank_<tp>_model_states.pt`, experts, whole on every
+  tensor-parallel rank, in `layer_<l>_expert_<e>_mp_rank_00_model_states.pt`) and each expert-parallel shard's
+  `expp_rank_<k>_mp_rank_<tp>_optim_states.pt` holds torch's optimizer state of its parameters, the k in
+  the order of the shards;
 - the EMA: our `trainer_rank_<r>.pt`, each rank's fragments (train/ema.py).
 A rank r of the layout is tensor-parallel rank r % tp and data-parallel rank d = r // tp; its experts are
 those of expert-parallel rank d % ep, and within their expert-data-parallel group it is rank d // ep.
@@ -110,6 +111,8 @@ class LocalShards:
 
     def put(self, name: str, tp_rank: int, ep_rank: int, start: int, values: torch.Tensor) -> None:
         piece = self.pieces[name]
+        if tp_rank > 0 and piece.tp_dim is None:
+            return  # the same on every tensor-parallel rank: tp rank 0's copy serves
         key = (tp_rank, ep_rank if piece.expert else 0)
         if key not in self.shards[name]:
             self.shards[name][key] = torch.empty(local_shape(piece, self.files))
@@ -178,20 +181,23 @@ def read_unpartitioned(files: Files, kind: str, shards: LocalShards, config: Con
     order = [n for n in names if not shards.pieces[n].expert] + [n for n in names if shards.pieces[n].expert]
     step = 0
     for tp_rank in range(files.tp):
-        for ep_rank in range(files.ep):
+        # One optimizer file per expert-parallel shard, named by DeepSpeed's expert-parallel rank.
+        optimizer_files = sorted(files.path.glob(f"expp_rank_*_mp_rank_{tp_rank:02d}_optim_states.pt"),
+                                 key=lambda path: int(path.name.split("_")[2]))
+        for ep_rank, optimizer_file in enumerate(optimizer_files):
             if kind == "params":
-                weights = {**files.model_states(tp_rank)["module"], **_experts_of(files, config, tp_rank, ep_rank)}
+                # Experts are whole on every tensor-parallel rank; DeepSpeed files them once, under mp rank 0.
+                weights = {**files.model_states(tp_rank)["module"], **_experts_of(files, config, ep_rank)}
                 for name in names:
                     shards.put(name, tp_rank, ep_rank, 0, weights[name].float())
                 continue
-            optimizer = files.load(f"expp_rank_{ep_rank}_mp_rank_{tp_rank:02d}_optim_states.pt")["optimizer"]
-            for index, state in optimizer["state"].items():
+            for index, state in files.load(optimizer_file.name)["optimizer"]["state"].items():
                 shards.put(order[index], tp_rank, ep_rank, 0, state[kind])
                 step = max(step, int(state["step"]))
     return step
 
 
-def _experts_of(files: Files, config: Config, tp_rank: int, ep_rank: int) -> dict[str, torch.Tensor]:
+def _experts_of(files: Files, config: Config, ep_rank: int) -> dict[str, torch.Tensor]:
     """The stacked expert weights expert-parallel rank `ep_rank` holds, from DeepSpeed's per-expert files."""
     per_rank = config.moe.num_experts // files.ep
     experts = {}
@@ -199,7 +205,7 @@ def _experts_of(files: Files, config: Config, tp_rank: int, ep_rank: int) -> dic
     for layer, block in enumerate(moe_blocks):
         stacked = {}
         for expert in range(ep_rank * per_rank, (ep_rank + 1) * per_rank):
-            state = files.load(f"layer_{layer}_expert_{expert}_mp_rank_{tp_rank:02d}_model_states.pt")
+            state = files.load(f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt")
             for key, tensor in state.items():
                 stacked.setdefault(key.rsplit(".", 1)[1], []).append(tensor)
         for param, tensors in stacked.items():

@@ -1,14 +1,22 @@
-"""Runs a few training steps of the real trainer under any launcher and saves, from rank 0, what
-the equivalence tests compare: per-step global losses and gradient norms, the first step's
-routing and full gradients, and the final full parameters, EMA and thresholds of every rank; with
---consolidation also its checkpoint and the whole state its ranks gather (tests/distributed/gather.py).
+"""Runs cases of a few training steps of the real trainer, one after the other in the same ranks, and saves
+from rank 0, per case, what the equivalence tests compare: per-step global losses and gradient norms, the
+first step's routing and full gradients, and the final full parameters, EMA and thresholds of every rank;
+with "consolidation" also its checkpoint and the whole state its ranks gather (tests/distributed/gather.py).
 
-    torchrun --nproc_per_node 2 tests/distributed/equivalence_worker.py OUT.pt --config C --set parallel.ep=2
+    torchrun --nproc_per_node 2 tests/distributed/equivalence_worker.py OUT_DIR CASES.json --config C
+
+CASES.json: [{"name": N, "overrides": ["parallel.ep=2", ...], "steps": 3, "consolidation": false,
+"checkpoint_dir": null}, ...]; each case writes OUT_DIR/N.pt. Each case gets DeepSpeed expert groups of its own
+layout (DeepSpeed caches them per process by EP size only); a tensor-parallel case goes last (its megatron-core
+groups stay).
 """
 import argparse
+import gc
+import json
 from pathlib import Path
 
 import torch
+from deepspeed.utils import groups as ds_groups
 
 from diffmoe_scale.config import load_config
 from diffmoe_scale.models import DiT
@@ -71,22 +79,8 @@ def save_and_reload(trainer, directory: str) -> list[str]:
     return sorted(path.name for path in (Path(directory) / "step3").iterdir())
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--checkpoint-dir", help="also save a DeepSpeed checkpoint here and load it back")
-    parser.add_argument("--consolidation", action="store_true",
-                        help="also save the trainer's checkpoint and the whole state the ranks gather from it")
-    parser.add_argument("--local_rank", type=int, default=None)
-    args = parser.parse_args()
-    config = load_config(args.config, args.overrides)
-    DiT._init_weights = init_away_from_zero
-    runtime = init_runtime()
-    trainer = Trainer(config, runtime)
-    record = {"loss": [], "grad_norm": [], "world_size": runtime.world_size}
+def run_case(trainer, config, case: dict) -> dict:
+    record = {"loss": [], "grad_norm": [], "world_size": trainer.groups.world_size}
     tokens_per_micro = (config.train.global_batch_size // trainer.groups.dp_size // config.train.grad_accum_steps
                         * trainer.tokens_per_image)
     original_step = trainer.engine.step
@@ -101,14 +95,14 @@ def main():
         original_step()
 
     trainer.engine.step = step_and_capture
-    for _ in range(args.steps):
+    for _ in range(case.get("steps", 3)):
         losses, grad_norm = trainer.train_step()
         record["loss"].append(mean_over_ranks(losses))
         record["grad_norm"].append(grad_norm)
     record["params"] = full_state(trainer.model, trainer.groups)
     record["thresholds"] = [gather_ranks(layer.thresholds.float()) for layer in trainer.model.moe_layers()]
     record["capacity"] = gather_ranks(torch.tensor(capacity_stats(trainer.model)[1]))
-    if args.consolidation:
+    if case.get("consolidation"):
         trainer.save_checkpoint()
         record["checkpoint"] = str(config.checkpoint_dir / f"step_{trainer.step:08d}")
         record["gathered"] = gathered_state(trainer)
@@ -120,10 +114,39 @@ def main():
     noise = torch.randn(8, config.model.in_channels, 8, 8, generator=torch.Generator().manual_seed(5))
     record["samples"], record["sample_c_avg"] = sample_distributed(ema_model, trainer.objective, config.sample,
                                                                    trainer.groups, labels, noise)
-    if args.checkpoint_dir:
-        record["checkpoint_files"] = save_and_reload(trainer, args.checkpoint_dir)
-    if runtime.is_main:
-        torch.save(record, args.out)
+    if case.get("checkpoint_dir"):
+        record["checkpoint_files_dir"] = case["checkpoint_dir"]
+        record["checkpoint_files"] = save_and_reload(trainer, case["checkpoint_dir"])
+    return record
+
+
+def forget_deepspeed_expert_groups():
+    """DeepSpeed keeps the expert and expert-data-parallel groups of the process by name ("ep_size_N"), so a
+    case would reuse those of an earlier case of the same EP size but another layout (DP=2 against TP=2),
+    and name files after the largest EP size seen. A training process has one layout; each case here too."""
+    for registry in (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_PARALLEL_GROUP_RANKS,
+                     ds_groups._EXPERT_DATA_PARALLEL_GROUP, ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
+        registry.clear()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("cases", type=Path)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--local_rank", type=int, default=None)
+    args = parser.parse_args()
+    DiT._init_weights = init_away_from_zero
+    runtime = init_runtime()
+    for case in json.loads(args.cases.read_text()):
+        forget_deepspeed_expert_groups()
+        config = load_config(args.config, [*case["overrides"], f"train.out_dir={args.out_dir / case['name']}"])
+        trainer = Trainer(config, runtime)
+        record = run_case(trainer, config, case)
+        if runtime.is_main:
+            torch.save(record, args.out_dir / f"{case['name']}.pt")
+        del trainer
+        gc.collect()
     shutdown_runtime()
     exit_process(0)
 
