@@ -57,6 +57,14 @@ def test_one_rank_and_ep2_write_the_same_samples(trained, one_rank, tmp_path):
     assert summary["precision"] == "fp32"  # auto: no bf16 without a GPU
     assert f"inference C_avg {summary['c_avg']:.3f}" in output and "sampled 40/40 (" in output
     assert (one / "grid.png").is_file()
+    from diffmoe_scale.config import load_config
+    from diffmoe_scale.eval.sampling_estimate import sampling_estimate
+
+    estimate = sampling_estimate(load_config(REPO / "configs/digits_diffmoe_e4_flow.yaml", ["parallel.ep=2"]), 2,
+                                 num_samples=40, batch_size=8)
+    with np.load(tmp_path / "ep2" / "shards" / "samples_00000000_00000004.npz") as shard:
+        assert shard["images"].nbytes == estimate["shard_bytes"]
+    assert len(list((tmp_path / "ep2" / "shards").glob("samples_*"))) == estimate["shards"] == 10
 
 
 def test_two_ranks_stopped_damaged_and_rerun_write_what_one_rank_does(trained, one_rank, tmp_path):
