@@ -78,7 +78,10 @@ class SampleConfig:
     sampler: Optional[Literal["euler", "heun", "ancestral", "ddim"]] = None  # default: euler / ancestral
     steps: int = 50
     cfg_scale: float = 1.5
-    per_class: int = 8  # the end-of-run PNG grid: one row per class
+    per_class: int = 8  # grids (end of run, sample.every_steps): samples per class, one row per class
+    grid_classes: int = 10  # classes in a grid, spread evenly over the labels (all when there are fewer)
+    every_steps: int = 0  # a grid from the EMA weights every this many steps during training; 0 = off
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # launch/sample.py: auto = bf16 where the device has it
     seed: int = 0
 
 
@@ -86,6 +89,7 @@ class SampleConfig:
 class DataConfig:
     dataset: Literal["digits", "latents"] = "digits"
     path: Optional[str] = None  # latents: directory of latent shards and their index
+    vae: Optional[str] = None  # latents: local AutoencoderKL directory that decodes the sample grids
     hflip: bool = False
 
 
@@ -333,6 +337,8 @@ def _resolve_and_validate(config: Config, source: str) -> None:
             f"{sample.sampler!r} does not fit diffusion.objective={diffusion.objective!r} (use one of {list(allowed)})")
     require(sample.steps >= 1, "sample.steps", "must be at least 1")
     require(sample.per_class >= 1, "sample.per_class", "must be at least 1")
+    require(sample.grid_classes >= 1, "sample.grid_classes", "must be at least 1")
+    require(sample.every_steps >= 0, "sample.every_steps", "must be 0 (off) or positive")
     if diffusion.objective == "ddpm":
         require(diffusion.num_timesteps >= 2, "diffusion.num_timesteps", "must be at least 2")
         require(sample.steps <= diffusion.num_timesteps, "sample.steps",

@@ -27,6 +27,7 @@ import sys
 from diffmoe_scale.cli import docstring_parser
 from diffmoe_scale.config import ConfigError, load_config
 from diffmoe_scale.estimate import ATTENTION_BACKENDS, PARAMETER_KINDS, estimate, layout_of
+from diffmoe_scale.eval.sampling_estimate import sampling_estimate
 
 GIB = 2**30
 MEMORY_ROWS = {"parameters": "parameters", "gradients": "gradients", "reduce_bucket": "ZeRO reduce bucket",
@@ -78,6 +79,14 @@ def print_estimates(config_path: str, estimates: list[dict], gpu_memory: float) 
           f"{size(checkpoint['optimizer'])}, EMA {size(checkpoint['ema'])}; a whole EMA per rank would be "
           f"{size(checkpoint['ema_whole_per_rank'])}); consolidating it holds {size(checkpoint['consolidation_memory'])} "
           f"of host memory")
+
+
+def print_sampling(sampling: dict, ep: int) -> None:
+    print(f"\nFID-50K sampling (launch/sample.py, 256 samples per token pool, EP {ep}): a rank holds "
+          f"{sampling['rows_per_rank']} rows of a pool ({size(sampling['latent_bytes_per_rank'])} of fp32 latents, "
+          f"{size(sampling['shard_bytes'])} of {sampling['image_side']} px pixels) and writes that shard per pool; "
+          f"{sampling['pools']} pools in {sampling['rounds']} rounds, {sampling['shards']} shards; samples.npz "
+          f"{size(sampling['npz_bytes'])}, merged on rank 0 at a peak of ~{size(sampling['merge_peak_bytes'])}")
 
 
 def print_measurements(estimated: dict, measured: list[dict]) -> None:
@@ -139,10 +148,13 @@ def main(argv=None) -> int:
     for case in (layout, other):
         result = estimate(config, case)
         estimates.append({**result, "headroom": gpu_memory - result["memory"]["peak"]})
+    sampling = sampling_estimate(config, layout.world_size)
     if args.json:
-        print(json.dumps({"config": args.config, "gpu_memory": gpu_memory, "estimates": estimates}))
+        print(json.dumps({"config": args.config, "gpu_memory": gpu_memory, "estimates": estimates,
+                          "sampling": sampling}))
     else:
         print_estimates(args.config, estimates, gpu_memory)
+        print_sampling(sampling, config.parallel.ep)
     return 0
 
 

@@ -1,6 +1,7 @@
-"""launch/sample.py and launch/evaluate.py on a checkpoint of the digits config: one rank and EP=2
-sample the same images; the threshold-offset search keeps the best offset; evaluate.py scores digits
-and computes FID / IS through an Inception network file."""
+"""launch/sample.py and launch/evaluate.py on a checkpoint of the digits config: one rank, EP=2, and two
+ranks stopped by SIGUSR1 after a named token pool, then damaged and rerun, write the same samples.npz
+byte for byte; the threshold-offset search keeps the best offset; evaluate.py scores digits and computes
+FID / IS through an Inception network file."""
 import json
 import re
 import subprocess
@@ -16,16 +17,16 @@ from diffmoe_scale.eval.fid import feature_statistics, frechet_distance, incepti
 from tests.helpers import clean_env
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = ["--num-samples", "40", "--batch-size", "20", "--steps", "4"]
+SAMPLE = ["--num-samples", "40", "--batch-size", "8", "--steps", "4"]
 
 pytestmark = pytest.mark.slow
 
 
-def run(*args: str, expected: int = 0) -> str:
+def run(*args: str, expected: int = 0, env: dict = ()) -> str:
     command = [sys.executable, *args] if args[0] != "torchrun" else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args[1:]]
-    result = subprocess.run(command, cwd=REPO, env={**clean_env(), "OMP_NUM_THREADS": "1"}, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO, env={**clean_env(), "OMP_NUM_THREADS": "1", **dict(env)},
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == expected, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -35,19 +36,52 @@ def samples(directory: Path) -> tuple[np.ndarray, np.ndarray]:
         return data["arr_0"], data["arr_1"]
 
 
-def test_one_rank_and_ep2_write_the_same_samples(trained, tmp_path):
-    one = run("launch/sample.py", "--weights", str(trained / "ema.safetensors"), "--out", str(tmp_path / "one"), *SAMPLE)
+@pytest.fixture(scope="module")
+def one_rank(trained, tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("one_rank")
+    return out, run("launch/sample.py", "--weights", str(trained / "ema.safetensors"), "--out", str(out), *SAMPLE)
+
+
+def test_one_rank_and_ep2_write_the_same_samples(trained, one_rank, tmp_path):
+    one, output = one_rank
     run("torchrun", "launch/sample.py", "--weights", str(trained / "checkpoints" / "step_00000030_consolidated"),
         "--out", str(tmp_path / "ep2"), "--ep", "2", *SAMPLE)
-    images, labels = samples(tmp_path / "one")
+    images, labels = samples(one)
     assert images.shape == (40, 8, 8, 1) and images.dtype == np.uint8
     assert labels.tolist() == [i % 10 for i in range(40)]
-    ep2_images, ep2_labels = samples(tmp_path / "ep2")
-    assert np.array_equal(images, ep2_images) and np.array_equal(labels, ep2_labels)
-    summary = json.loads((tmp_path / "one" / "sampling.json").read_text())
+    assert (tmp_path / "ep2" / "samples.npz").read_bytes() == (one / "samples.npz").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "ep2" / "shards").glob("*.npz"))[:2] == [
+        "samples_00000000_00000004.npz", "samples_00000004_00000008.npz"]  # each rank its half of a pool
+    summary = json.loads((one / "sampling.json").read_text())
     assert summary["step"] == 30 and summary["num_samples"] == 40 and 0 < summary["c_avg"] < 4
-    assert f"inference C_avg {summary['c_avg']:.3f}" in one
-    assert (tmp_path / "one" / "grid.png").is_file()
+    assert summary["precision"] == "fp32"  # auto: no bf16 without a GPU
+    assert f"inference C_avg {summary['c_avg']:.3f}" in output and "sampled 40/40 (" in output
+    assert (one / "grid.png").is_file()
+    from diffmoe_scale.config import load_config
+    from diffmoe_scale.eval.sampling_estimate import sampling_estimate
+
+    estimate = sampling_estimate(load_config(REPO / "configs/digits_diffmoe_e4_flow.yaml", ["parallel.ep=2"]), 2,
+                                 num_samples=40, batch_size=8)
+    with np.load(tmp_path / "ep2" / "shards" / "samples_00000000_00000004.npz") as shard:
+        assert shard["images"].nbytes == estimate["shard_bytes"]
+    assert len(list((tmp_path / "ep2" / "shards").glob("samples_*"))) == estimate["shards"] == 10
+
+
+def test_two_ranks_stopped_damaged_and_rerun_write_what_one_rank_does(trained, one_rank, tmp_path):
+    one, _ = one_rank
+    command = ("torchrun", "launch/sample.py", "--weights", str(trained / "ema.safetensors"), "--out", str(tmp_path),
+               *SAMPLE)
+    stopped = run(*command, expected=1, env={"DIFFMOE_FAULT": "sigusr1@pool:2", "DIFFMOE_FAULT_RANK": "0"})
+    assert re.search(r"exitcode\s*: 75", stopped) and "stopped; the same command continues" in stopped
+    shards = tmp_path / "shards"
+    assert sorted(p.name for p in shards.glob("samples_*")) == [  # rounds of 2 pools: pools 0-3 done
+        f"samples_{start:08d}_{start + 8:08d}.npz" for start in (0, 8, 16, 24)]
+    damaged = shards / "samples_00000008_00000016.npz"
+    damaged.write_bytes(damaged.read_bytes()[:-50])
+    (shards / "samples_00000032_00000040.npz.tmp").write_bytes(b"torn")
+    resumed = run(*command)
+    assert "samples_00000008_00000016.npz: unreadable" in resumed and "24/40 samples there already" in resumed
+    assert (tmp_path / "samples.npz").read_bytes() == (one / "samples.npz").read_bytes()
 
 
 def test_a_sharded_checkpoint_is_refused_with_the_way_out(trained, tmp_path):

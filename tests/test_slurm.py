@@ -136,15 +136,20 @@ def test_extraction_recipe_writes_latents_from_both_nodes(cluster, image_folder,
     assert "rank 0: shard 0 (5 images" in output and "rank 1: shard 1 (5 images" in output
 
 
-def test_evaluation_recipe_samples_over_two_nodes_and_scores_the_digits(cluster, trained, tmp_path):
+def test_evaluation_recipe_samples_over_two_nodes_requeues_when_stopped_and_scores_the_digits(cluster, trained,
+                                                                                               tmp_path):
     out, log_dir = tmp_path / "eval", tmp_path / "logs"
     job = submit_recipe(client_env(
         cluster, NODES="2", TASKS_PER_NODE="1", GPUS_PER_NODE="0", CPUS_PER_TASK="1", TIME="10", SIGNAL_LEAD="60",
-        WEIGHTS=str(trained / "ema.safetensors"), OUT=str(out), NUM_SAMPLES="40", EP="2", STEPS="4",
+        WEIGHTS=str(trained / "ema.safetensors"), OUT=str(out), NUM_SAMPLES="40", BATCH_SIZE="8", EP="2", STEPS="4",
+        DIFFMOE_FAULT="sigusr1@pool:1", DIFFMOE_FAULT_RANK="1",  # a stop notice after pool 1, in the first start only
         LOG_DIR=str(log_dir), PYTHON=sys.executable, OMP_NUM_THREADS="1"), recipe="slurm/evaluate.sbatch")
+    cluster.wait_for(job, lambda state: state.restarts >= 1, timeout=300)
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # no 2-minute wait before the restart
     final = cluster.wait_for(job, lambda state: state.finished, timeout=300)
     output = (log_dir / f"diffmoe-evaluate-{job}.out").read_text()
-    assert final.state == "COMPLETED", output
+    assert final.state == "COMPLETED" and final.restarts == 1, output
+    assert f"== saved after a stop signal: requeueing job {job}" in output and "16/40 samples there already" in output
     assert "2 tasks" in output and "wrote " in output
     scores = json.loads((out / "scores.txt").read_text().splitlines()[-1])
     assert scores["num_images"] == 40 and {"digit_fid", "digit_accuracy"} <= scores.keys()

@@ -55,3 +55,6 @@ class CastAtModelBoundary:
     def __call__(self, x, t, y):
         prediction, losses = self.model(x.to(self.dtype), t, y)
         return prediction.float(), losses
+
+    def __getattr__(self, name):  # otherwise the model's (num_classes, moe_layers, ...)
+        return getattr(self.model, name)

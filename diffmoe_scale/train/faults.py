@@ -4,6 +4,7 @@
     DIFFMOE_FAULT=sigkill@save:8      SIGKILL while saving the checkpoint of step 8: its files are written,
                                       its manifest is not
     DIFFMOE_FAULT=sigusr1@step:5      send itself SIGUSR1 after step 5 (a preemption notice), then go on
+    DIFFMOE_FAULT=sigusr1@pool:3      launch/sample.py: after writing the shard of token pool 3
     DIFFMOE_FAULT_RANK=1              only on rank 1 (default: every rank)
 
 A test then names the moment instead of racing a running job with signals. Any signal name works
@@ -14,7 +15,7 @@ import signal
 
 from ..config import ConfigError
 
-POINTS = ("step", "save")
+POINTS = ("step", "save", "pool")
 
 
 def planned() -> tuple[signal.Signals, str, int] | None:

@@ -33,6 +33,7 @@ KEY_CLASSES = {
     "diffusion.objective": DEFINING,  # what the output means
     "data.dataset": MATHS, "data.hflip": MATHS,
     "data.path": OPERATIONAL,  # data moved; other data of another size shows as dataset_size
+    "data.vae": OPERATIONAL,  # decodes the sample grids only
     "train.global_batch_size": MATHS, "train.grad_accum_steps": MATHS, "train.seed": MATHS,
     "train.ema_decay": MATHS,
     "train.*": OPERATIONAL,  # max_steps, out_dir, precision, tf32, deterministic, max_nonfinite_steps

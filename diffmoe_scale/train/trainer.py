@@ -1,4 +1,4 @@
-"""The training loop: DeepSpeed engine, EMA, metrics, end-of-run sample grid, clean Ctrl-C."""
+"""The training loop: DeepSpeed engine, EMA, metrics, sample grids, clean Ctrl-C."""
 import os
 import resource
 import time
@@ -18,7 +18,6 @@ from ..parallel.groups import setup_groups
 from ..parallel.parallelize import build_parallel_model
 from ..parallel.precision import PRECISION_DTYPES, CastAtModelBoundary, enable_tf32, use_deterministic_algorithms
 from ..parallel.runtime import Runtime
-from ..parallel.sampling import sample_distributed
 from .capacity import CapacityByCondition
 from .checkpoint import (SHARDED, atomic_torch_save, atomic_write_text, capture_rng, code_version, find_resumable,
                          is_checkpoint, layout_mismatch, prune, publish, rank_state_name, read_consolidated,
@@ -28,8 +27,8 @@ from .ema import ShardedEMA
 from .faults import inject as inject_fault
 from .faults import planned as planned_fault
 from .health import StepHealth, nonfinite_losses
-from .images import save_grid
 from .metrics import MetricsLog, cut_metrics_after
+from .periodic_samples import SampleGrids
 from .resume_policy import ResumeRule, describe_pool
 from .run_identity import resumed_identity
 from .stop import StopRequest
@@ -98,6 +97,7 @@ class Trainer:
         self.forward_model = CastAtModelBoundary(self.engine, self.dtype)
         self.ema = ShardedEMA(self.model, groups, config.train.ema_decay)
         self.ema_model = None  # the EMA weights as a model, built when first sampled from
+        self.grids = SampleGrids(config, groups, runtime.device, self.objective, runtime.is_main)
         self.health = StepHealth(config, self.engine, self.model, groups)
         self.sampler = ShuffledBatchSampler(
             len(self.dataset), config.train.global_batch_size, config.train.seed, groups.dp_rank, groups.dp_size
@@ -208,7 +208,7 @@ class Trainer:
                           f"{self.config.checkpoint_dir}", flush=True)
                 return exit_code
             self.watchdog.tick(self.step, "sampling")
-            self.save_samples(self.out_dir / "samples.png")
+            self.grids.write(self.filled_ema_model, self.out_dir / "samples")
             return 0
         finally:
             self.watchdog.close()
@@ -246,6 +246,9 @@ class Trainer:
                 if every and self.step % every == 0:
                     self.watchdog.tick(self.step, "saving a checkpoint")
                     self.save_checkpoint()
+                if self.grids.due(self.step):
+                    self.watchdog.tick(self.step, "sampling")
+                    self.grids.write(self.filled_ema_model, self.out_dir / "samples" / f"step_{self.step:08d}")
                 inject_fault("step", self.step, self.runtime.rank)
         finally:
             log.close()
@@ -394,25 +397,3 @@ class Trainer:
             self.ema_model.float().eval().requires_grad_(False)
         self.ema.fill(self.ema_model)
         return self.ema_model
-
-    def sample_images(self, labels: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, float | None]:
-        """Samples from the EMA weights (collective; see `sample_distributed`)."""
-        model = self.filled_ema_model()
-        return sample_distributed(model, self.objective, self.config.sample, self.groups, labels, noise)
-
-    def save_samples(self, path: Path) -> None:
-        """One row per class of class-conditional samples from the EMA weights."""
-        config, device = self.config, self.runtime.device
-        per_class, num_classes = config.sample.per_class, config.model.num_classes
-        generator = torch.Generator(device=device).manual_seed(config.sample.seed)
-        labels = torch.arange(num_classes, device=device).repeat_interleave(per_class)
-        size = config.model.input_size
-        noise = torch.randn(len(labels), config.model.in_channels, size, size, generator=generator, device=device)
-        torch.manual_seed(config.sample.seed)  # ancestral sampling draws from the global RNG
-        images, c_avg = self.sample_images(labels, noise)
-        if not self.runtime.is_main:
-            return
-        save_grid(images, rows=num_classes, path=path)
-        c_avg = f", inference C_avg {c_avg:.2f}" if c_avg is not None else ""
-        print(f"samples: {path} ({len(labels)} images, {config.sample.sampler} {config.sample.steps} steps, "
-              f"cfg {config.sample.cfg_scale}{c_avg})", flush=True)

@@ -76,14 +76,16 @@ def test_one_gpu_trains_resumes_exactly_and_its_checkpoint_serves_every_tool(lat
     assert f"resumed from {resumed}/checkpoints/step_00000003 at step 3" in output
     for ours, theirs in zip(read_metrics(resumed), read_metrics(straight), strict=True):
         assert {k: ours[k] for k in DETERMINED} == {k: theirs[k] for k in DETERMINED}, ours["step"]
-    assert (straight / "samples.png").is_file()
+    assert (straight / "samples_latent_channels.png").is_file()  # no data.vae: the latents, labelled
 
     checkpoint = straight / "checkpoints" / "step_00000006"
     run([sys.executable, "launch/checkpoint.py", "consolidate", str(checkpoint)])  # CPU processes
     weights = tmp_path / "ema.safetensors"
     run([sys.executable, "launch/checkpoint.py", "export-ema", str(checkpoint), "--out", str(weights)])
     run([sys.executable, "launch/sample.py", "--weights", str(weights), "--out", str(tmp_path / "eval"),
-         "--num-samples", "20", "--steps", "4", "--vae", str(vae_dir)])
+         "--num-samples", "20", "--batch-size", "8", "--steps", "4", "--vae", str(vae_dir)])
+    assert json.loads((tmp_path / "eval" / "sampling.json").read_text())["precision"] == "bf16"  # auto on a GPU
+    from diffmoe_scale.eval.evaluators import InceptionEvaluator
     from tests.test_sample import StandInInception
 
     network = tmp_path / "inception.pt"
@@ -94,6 +96,11 @@ def test_one_gpu_trains_resumes_exactly_and_its_checkpoint_serves_every_tool(lat
     scores = run([sys.executable, "launch/evaluate.py", str(samples), "--inception", str(network), "--reference",
                   str(tmp_path / "reference.npz")])
     assert json.loads(scores.strip().splitlines()[-1])["fid"] == pytest.approx(0, abs=1e-3)  # samples vs themselves
+    with np.load(samples) as data:
+        images = data["arr_0"]
+    on_gpu = InceptionEvaluator(network)
+    assert on_gpu.device.type == "cuda"
+    assert np.allclose(on_gpu.features(images), InceptionEvaluator(network, device="cpu").features(images), atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", [["parallel.ep=2"], ["parallel.tp=2", "parallel.zero_stage=2"]], ids=["ep2", "tp2"])
