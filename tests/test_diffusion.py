@@ -392,3 +392,73 @@ def test_guidance_combines_cond_and_uncond_on_mean_channels(scale):
     torch.testing.assert_close(out[:, :2], uncond[:, :2] + scale * (cond[:, :2] - uncond[:, :2]), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out[:, 2:], cond[:, 2:], rtol=0, atol=0)
     assert out.shape == cond.shape
+
+
+# Guidance with MoE routing that depends on the batch: each half is its own pool, as two forwards.
+
+GUIDED_MOE = {
+    "diffmoe_threshold": ["moe.ffn=diffmoe", "moe.inference_routing=threshold"],
+    "diffmoe_capacity": ["moe.ffn=diffmoe", "moe.inference_routing=capacity"],
+    "token_choice_limited": ["moe.ffn=token_choice", "moe.capacity_factor=1.0"],
+}
+
+
+def tiny_moe_dit(overrides):
+    from diffmoe_scale.config import load_config
+    from diffmoe_scale.models import build_model
+
+    config = load_config("configs/digits_diffmoe_e4_flow.yaml", ["model.depth=2", "model.hidden_size=16",
+                                                                 "model.num_heads=2", "moe.interleave=false",
+                                                                 *overrides])
+    torch.manual_seed(0)
+    model = build_model(config).double().eval()
+    for param in model.parameters():  # away from DiT's zero init: every block and expert matters
+        nn.init.normal_(param, std=0.3)
+    for layer in model.moe_layers():
+        if hasattr(layer, "thresholds"):
+            layer.thresholds.fill_(0.5)  # mid-range: experts take different, batch-dependent counts
+    return model
+
+
+def routing_masks(model):
+    """Per MoE layer, the [tokens, E] routing mask of the last forward."""
+    masks = []
+    for layer in model.moe_layers():
+        mask = torch.zeros(layer.last_num_tokens, layer.num_experts, dtype=torch.bool)
+        masks.append(mask.index_put_((layer.last_pairs[1], layer.last_pairs[0]), torch.tensor(True)))
+    return masks
+
+
+@pytest.mark.parametrize("kind", GUIDED_MOE)
+def test_guidance_routes_each_half_as_its_own_forward(kind):
+    model = tiny_moe_dit(GUIDED_MOE[kind])
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 1, 8, 8, generator=generator, dtype=torch.float64)
+    t, y, scale = torch.rand(4, generator=generator, dtype=torch.float64), torch.tensor([0, 3, 7, 9]), 2.0
+    with torch.no_grad():
+        cond = model(x, t, y)[0]
+        cond_masks = routing_masks(model)
+        uncond = model(x, t, torch.full_like(y, 10))[0]
+        uncond_masks = routing_masks(model)
+        ours = guided_prediction(model, x, t, y, scale)
+        ours_masks = routing_masks(model)
+        joint = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 10)]))[0]
+        joint_masks = routing_masks(model)
+    assert all(layer.batch_pools == 1 for layer in model.moe_layers())  # the guidance's pools end with it
+    reference = uncond[:, :1] + scale * (cond[:, :1] - uncond[:, :1])
+    torch.testing.assert_close(ours[:, :1], reference, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours[:, 1:], cond[:, 1:], rtol=1e-10, atol=1e-12)
+    for mask, cond_mask, uncond_mask in zip(ours_masks, cond_masks, uncond_masks, strict=True):
+        assert torch.equal(mask, torch.cat([cond_mask, uncond_mask]))
+    # One pool over both halves (what guidance did before) routes differently and gives another output.
+    assert any(not torch.equal(joint_mask, mask) for joint_mask, mask in zip(joint_masks, ours_masks))
+    old = joint[4:, :1] + scale * (joint[:4, :1] - joint[4:, :1])
+    assert (old - reference).abs().max() > 1e-3
+
+
+def test_pool_order_puts_each_part_of_every_rank_together():
+    from diffmoe_scale.models.pools import pool_order
+
+    # 2 ranks of 6 rows, each in 2 parts of 3 rows: part 0 of rank 0, part 0 of rank 1, then the parts 1.
+    assert pool_order(2, 6, 2).tolist() == [0, 1, 2, 6, 7, 8, 3, 4, 5, 9, 10, 11]
+    assert pool_order(3, 4, 1).tolist() == list(range(12))

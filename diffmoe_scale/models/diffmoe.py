@@ -4,7 +4,8 @@ Training: the tokens of a pool are flattened; each expert takes its top-C tokens
 C = int(pool_size / E * capacity); a token's output is the score-weighted sum over the experts
 that took it (0..E of them). Pools: "ep_group" is every token of the dispatch's ranks (one
 process: its batch, as DiffMoE), "local" is each rank's own batch (the authors' DDP code),
-"sample" makes each sample its own pool (the EC-DiT baseline, no predictor).
+"sample" makes each sample its own pool (the EC-DiT baseline, no predictor). Guidance splits a batch
+into two pools of either kind (see `pools`).
 
 Routing runs in fp32 whatever the model's dtype: router scores, top-C, the capacity predictor, its
 loss and the thresholds (which stay fp32 when the module is cast to bf16).
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from . import routing_tape
 from .experts import RoutedFFN, Routing, router_scores, routing_dtype, routing_from_mask, wide_linear
+from .pools import pool_order
 
 POOLS = ("ep_group", "local", "sample")
 
@@ -78,10 +80,17 @@ class DiffMoELayer(RoutedFFN):
         return wide_linear(hidden, last.weight, last.bias)
 
     def pool_size(self, batch: int, seq: int) -> int:
-        """Tokens per pool; the gathered tokens of the dispatch split into pools of this size."""
+        """Tokens per pool; the gathered tokens of the dispatch, in `gathered_order`, split into pools of this size."""
         if self.pool == "sample":
             return seq
-        return batch * seq * (self.dispatch.size if self.pool == "ep_group" else 1)
+        return self.pool_batch(batch) * seq * (self.dispatch.size if self.pool == "ep_group" else 1)
+
+    def gathered_order(self, local_tokens: int):
+        """The order of the gathered rows that makes each pool contiguous; None where they are already (one
+        pool per batch, or pools within each rank's rows)."""
+        if self.pool != "ep_group" or self.batch_pools == 1 or self.dispatch.size == 1:
+            return None
+        return pool_order(self.dispatch.size, local_tokens, self.batch_pools, self.router.weight.device)
 
     def forward(self, x):
         batch, seq, dim = x.shape
@@ -108,9 +117,14 @@ class DiffMoELayer(RoutedFFN):
         """Training routing, once per step: each expert's top-C tokens of every pool, the dispatch plan,
         the predictor's target (this rank's rows of the routing mask) and the threshold quantile."""
         pooled = self._gather_routing_inputs(scores, predictor_logits)
+        order = self.gathered_order(len(scores))
+        if order is not None:
+            pooled = pooled.index_select(0, order)
         k = self.tokens_per_expert(pool_size)
         pool_scores = pooled[:, : self.num_experts]
         token_idx, _ = top_c_per_expert(pool_scores.reshape(-1, pool_size, self.num_experts), k)  # [E, G*k]
+        if order is not None:
+            token_idx = order[token_idx]  # back to gathered rows
         pair_expert = torch.arange(self.num_experts, device=scores.device).repeat_interleave(token_idx.shape[1])
         routing = Routing(pair_expert, token_idx.reshape(-1), [token_idx.shape[1]] * self.num_experts)
         self.record_routing(routing, len(pool_scores))
@@ -127,10 +141,16 @@ class DiffMoELayer(RoutedFFN):
         """Inference: how many tokens each expert takes comes from the predictor and the thresholds."""
         probs = torch.sigmoid(self.predictor_logits(tokens))
         pooled = self.dispatch.gather(torch.cat([scores, probs], dim=1))
-        return routing_from_mask(torch.cat([
+        order = self.gathered_order(len(tokens))
+        if order is not None:
+            pooled = pooled.index_select(0, order)
+        mask = torch.cat([
             self.threshold_mask(group[:, : self.num_experts], group[:, self.num_experts :])
             for group in pooled.split(pool_size)
-        ]))
+        ])
+        if order is not None:
+            mask = torch.empty_like(mask).index_copy_(0, order, mask)  # back to gathered rows
+        return routing_from_mask(mask)
 
     def _gather_routing_inputs(self, scores, predictor_logits):
         """Router scores (and predictor probabilities) of every pool member's tokens: [pool, E or 2E].

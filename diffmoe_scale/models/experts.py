@@ -195,6 +195,7 @@ class RoutedFFN(nn.Module):
         self.last_pairs = None  # (pair_expert, pair_token) of the last forward's pool
         self.last_tokens_per_expert = None
         self.last_num_tokens = 0
+        self.batch_pools = 1  # equal parts of each rank's batch that are pools of their own (see pools.py)
 
     def reset_router(self):
         nn.init.normal_(self.router.weight, std=0.006)
@@ -209,6 +210,12 @@ class RoutedFFN(nn.Module):
         self.last_pairs = (routing.pair_expert, routing.pair_token)
         self.last_tokens_per_expert = torch.tensor(routing.counts)
         self.last_num_tokens = pool_tokens
+
+    def pool_batch(self, batch: int) -> int:
+        """Samples of each rank's batch in one pool part (see `batch_pools`)."""
+        if batch % self.batch_pools:
+            raise ValueError(f"a batch of {batch} does not split into {self.batch_pools} pools")
+        return batch // self.batch_pools
 
     def add_shared(self, x, out):
         """The common tail of a forward: plus the shared FFN of the input, where there is one."""

@@ -3,7 +3,8 @@
 Gates are the (unnormalised) softmax scores of the chosen experts. A DeepSeek-style balance loss
 sum_e f_e * P_e (f_e: E x fraction of assignments to e, P_e: mean score of e) is returned
 unweighted. With capacity_factor > 0 an expert keeps at most ceil(cf * k * N / E) tokens, the
-highest-scoring ones; the rest of its assignments are dropped.
+highest-scoring ones; the rest of its assignments are dropped (N: the tokens of the batch, or of each
+of its pools, see `pools`).
 """
 import math
 
@@ -30,7 +31,8 @@ class TokenChoiceLayer(RoutedFFN):
             assignment_share = mask.to(scores.dtype).mean(dim=0) * self.num_experts / self.top_k
             losses["balance"] = (assignment_share * scores.mean(dim=0)).sum()
         if self.capacity_factor > 0:
-            mask = self._drop_over_capacity(mask, scores)
+            pool = self.pool_batch(batch) * seq
+            mask = torch.cat([self._drop_over_capacity(m, s) for m, s in zip(mask.split(pool), scores.split(pool))])
         out = self.route(tokens, scores, routing_from_mask(mask), len(tokens))
         return self.add_shared(x, out.view(batch, seq, dim)), losses
 
