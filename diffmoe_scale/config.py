@@ -83,6 +83,8 @@ class SampleConfig:
     every_steps: int = 0  # a grid from the EMA weights every this many steps during training; 0 = off
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # launch/sample.py: auto = bf16 where the device has it
     seed: int = 0
+    thresholds: Literal["copy", "average", "calibrate"] = "copy"  # DiffMoE thresholds of the EMA model
+    calibration_batches: int = 16  # thresholds: calibrate
 
 
 @dataclass
@@ -339,6 +341,7 @@ def _resolve_and_validate(config: Config, source: str) -> None:
     require(sample.per_class >= 1, "sample.per_class", "must be at least 1")
     require(sample.grid_classes >= 1, "sample.grid_classes", "must be at least 1")
     require(sample.every_steps >= 0, "sample.every_steps", "must be 0 (off) or positive")
+    require(sample.calibration_batches >= 1, "sample.calibration_batches", "must be at least 1")
     if diffusion.objective == "ddpm":
         require(diffusion.num_timesteps >= 2, "diffusion.num_timesteps", "must be at least 2")
         require(sample.steps <= diffusion.num_timesteps, "sample.steps",

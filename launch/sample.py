@@ -32,6 +32,7 @@ from diffmoe_scale.cli import docstring_parser, report_error
 from diffmoe_scale.config import Config, ConfigError, config_from_dict
 from diffmoe_scale.parallel.launcher import report_exit_status, tie_to_launcher
 from diffmoe_scale.train.checkpoint import read_ema_weights
+from diffmoe_scale.train.ema_thresholds import load_ema_weights
 
 
 def parse_args(argv=None):
@@ -48,6 +49,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel size for sampling (divides the ranks)")
     parser.add_argument("--vae", help="AutoencoderKL to decode latents (local dir or hub name); default data.vae")
+    parser.add_argument("--thresholds", help="DiffMoE thresholds: copy, average or calibrate (default: the config's "
+                        "sample.thresholds; see docs/evaluation.md)")
     parser.add_argument("--threshold-offset", type=float, default=0.0, help="added to every DiffMoE threshold")
     parser.add_argument("--search-offsets", metavar="A:B:N", help="try N offsets from A to B first, keep the best")
     parser.add_argument("--search-samples", type=int, default=1000, help="samples per offset in the search")
@@ -65,7 +68,7 @@ def sampling_config(saved: dict, args) -> Config:
     raw["parallel"] = {"ep": args.ep}
     raw["train"]["precision"] = "fp32"
     for key, value in (("sampler", args.sampler), ("steps", args.steps), ("cfg_scale", args.cfg_scale),
-                       ("precision", args.precision)):
+                       ("precision", args.precision), ("thresholds", args.thresholds)):
         if value is not None:
             raw["sample"][key] = value
     if args.vae:
@@ -83,17 +86,21 @@ class Sampler:
     """The model on this rank's shards, in the sampling precision, and what turns its outputs into uint8 images."""
 
     def __init__(self, config, weights: dict, groups, device):
+        from diffmoe_scale.data import build_dataset
         from diffmoe_scale.data.vae import load_vae
         from diffmoe_scale.diffusion import build_objective
         from diffmoe_scale.models import build_model
         from diffmoe_scale.parallel.parallelize import parallelize
         from diffmoe_scale.parallel.precision import PRECISION_DTYPES, CastAtModelBoundary
+        from diffmoe_scale.train.calibration import calibrate_thresholds
 
         self.config, self.groups, self.device = config, groups, device
         self.precision = resolve_precision(config.sample.precision, device)
         model = build_model(config)
-        model.load_state_dict(weights)
+        load_ema_weights(model, weights, config.sample.thresholds)
         self.model = parallelize(model.to(device), config, groups).eval()
+        if config.sample.thresholds == "calibrate":
+            calibrate_thresholds(self.model, config, groups, device, build_dataset(config))
         dtype = PRECISION_DTYPES[self.precision]
         self.forward = self.model if dtype == torch.float32 else CastAtModelBoundary(self.model.to(dtype), dtype)
         self.objective = build_objective(config)
@@ -190,7 +197,8 @@ def finish(args, config: Config, step: int, offset: float, precision: str) -> No
     kept, c_avg = merge_shards(args.out / "shards", count, args.out / "samples.npz", keep=set(wanted))
     grid = torch.from_numpy(np.stack([kept[i] for i in wanted])).permute(0, 3, 1, 2).float() / 127.5 - 1
     save_grid(grid, rows=len(classes), path=args.out / "grid.png")
-    summary = {"weights": str(args.weights), "step": step, "num_samples": count, "threshold_offset": offset,
+    summary = {"weights": str(args.weights), "step": step, "num_samples": count,
+               "thresholds": config.sample.thresholds, "threshold_offset": offset,
                "c_avg": c_avg if c_avg is not None else 1.0, "sampler": config.sample.sampler,
                "steps": config.sample.steps, "cfg_scale": config.sample.cfg_scale, "precision": precision,
                "batch_size": args.batch_size, "seed": args.seed}

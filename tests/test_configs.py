@@ -155,6 +155,7 @@ AUTHORS_S_E16_FLOW = {
     "moe.predictor_loss_weight": 1.0, "moe.threshold_ema": 0.95, "moe.pool": "local",
     "moe.inference_routing": "threshold",
     "diffusion.objective": "flow", "sample.sampler": "euler", "sample.steps": 250, "sample.cfg_scale": 1.0,
+    "sample.thresholds": "average",
     "data.dataset": "latents", "data.hflip": True,
     "optim.lr": 1e-4, "optim.betas": [0.9, 0.999], "optim.weight_decay": 0.0, "optim.warmup_steps": 0,
     "optim.grad_clip": 0.0,
@@ -189,7 +190,7 @@ def test_the_authors_release_is_reproduced_key_by_key(stem):
     assert {key for key in values if values[key] != ours[key]} == {
         "model.size", "model.num_heads", "model.input_size", "moe.pool", "data.path", "train.global_batch_size",
         "train.max_steps", "train.out_dir", "train.seed", "train.precision", "parallel.zero_stage",
-        "checkpoint.every_steps", "checkpoint.keep_every"}
+        "checkpoint.every_steps", "checkpoint.keep_every", "sample.thresholds"}
 
 
 # ----------------------------------------------------------------------------------------------

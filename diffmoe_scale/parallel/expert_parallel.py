@@ -171,14 +171,14 @@ def rows_sent_to_other_ranks(model) -> int:
     return total
 
 
-def _predictor_layers(model) -> list[DiffMoELayer]:
+def predictor_layers(model) -> list[DiffMoELayer]:
     return [layer for layer in model.moe_layers() if isinstance(layer, DiffMoELayer) and layer.predictor is not None]
 
 
 def take_pending_quantiles(model):
     """[layers, E] threshold quantiles the last forward recorded (0 without predictor layers); clears them.
     Called once per micro-batch after its backward, so a recomputed forward cannot count twice."""
-    layers = _predictor_layers(model)
+    layers = predictor_layers(model)
     if not layers:
         return 0
     quantiles = torch.stack([layer.pending_quantile.float() for layer in layers])
@@ -191,7 +191,7 @@ def take_pending_quantiles(model):
 def apply_threshold_quantiles(model, quantiles) -> None:
     """Update every predictor layer's thresholds with its quantile averaged over all ranks, so every
     rank holds the same tau (an EP group agrees on its pool's quantile; DP replicas average theirs)."""
-    layers = _predictor_layers(model)
+    layers = predictor_layers(model)
     if not layers:
         return
     for layer, quantile in zip(layers, average_over_ranks(quantiles)):

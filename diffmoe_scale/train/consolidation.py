@@ -17,7 +17,8 @@ layout against what a training process gathers itself):
   tensor-parallel rank, in `layer_<l>_expert_<e>_mp_rank_00_model_states.pt`) and each expert-parallel shard's
   `expp_rank_<k>_mp_rank_<tp>_optim_states.pt` holds torch's optimizer state of its parameters, the k in
   the order of the shards;
-- the EMA: our `trainer_rank_<r>.pt`, each rank's fragments (train/ema.py).
+- the EMA: our `trainer_rank_<r>.pt`, each rank's fragments and the buffers, copied and averaged
+  (train/ema.py).
 A rank r of the layout is tensor-parallel rank r % tp and data-parallel rank d = r // tp; its experts are
 those of expert-parallel rank d % ep, and within their expert-data-parallel group it is rank d // ep.
 
@@ -33,6 +34,7 @@ from ..config import Config, config_from_dict
 from ..models import build_model, is_moe_block
 from ..parallel.tensor_parallel_plan import sharded_linears
 from .checkpoint import atomic_torch_save, rank_state_name
+from .ema_thresholds import whole_buffers
 
 
 class Piece(NamedTuple):
@@ -233,7 +235,7 @@ def write_consolidated(path: Path, manifest: dict, out: Path) -> None:
         shards = LocalShards(pieces, files)
         if kind == "ema":
             trainer = read_ema(files, shards)
-            whole_tensors = {**shards.whole(), **trainer["ema"]["buffers"]}
+            whole_tensors = {**shards.whole(), **whole_buffers(trainer["ema"])}
         else:
             steps.append(read_zero(files, kind, shards) if files.zero else
                          read_unpartitioned(files, kind, shards, config))

@@ -7,6 +7,11 @@ experts, the expert-data-parallel group). So the EMA follows the masters, not bf
 and checkpoint bytes are those of one fp32 copy of the model spread over the ranks; and a step costs one
 fused lerp. `fill` writes the whole EMA into a model for sampling (collective).
 
+Persistent buffers (DiffMoE's thresholds: running statistics already, replicated on every rank) are kept
+twice: as they are in the trained model ("copy") and averaged with the weights' decay ("average", as the
+DiffMoE authors' EMA does). Whole-model dicts (consolidated checkpoints, exported EMA files) hold the
+average of buffer `name` under `averaged_name(name)` (see ema_thresholds.py).
+
 DeepSpeed's partition of a parameter is read from `param._hp_mapping` (its fp32 fragment and where the
 fragment sits in the flattened parameter) and `param._dp_group`, as DeepSpeed's own
 `safe_get_full_fp32_param` reads them; tests/test_ema.py pins that behaviour.
@@ -20,6 +25,7 @@ from deepspeed.utils import groups as ds_groups
 
 from ..parallel.consolidate import local_shard, persistent_buffers
 from ..parallel.groups import ParallelGroups
+from .ema_thresholds import averaged_name
 
 
 class MasterSlice(NamedTuple):
@@ -50,9 +56,8 @@ def master_slice(param, groups: ParallelGroups) -> MasterSlice:
 
 
 class ShardedEMA:
-    """The EMA of `model`'s master weights (see the module docstring) and of its persistent buffers,
-    which are running statistics already (DiffMoE's thresholds) and are copied as they are. `model` is
-    the trained model once the DeepSpeed engine holds it."""
+    """The EMA of `model`'s master weights and of its persistent buffers (see the module docstring).
+    `model` is the trained model once the DeepSpeed engine holds it."""
 
     def __init__(self, model, groups: ParallelGroups, decay: float):
         self.groups, self.decay = groups, decay
@@ -61,6 +66,7 @@ class ShardedEMA:
         self.shadow = [part.master.detach().float().clone() for part in parts]
         self.layout = [(part.start, part.group) for part in parts]  # the partition is fixed for the run
         self.buffers = {name: buffer.detach().clone() for name, buffer in persistent_buffers(model).items()}
+        self.buffer_averages = {name: buffer.clone() for name, buffer in self.buffers.items()}
 
     def parts(self, model) -> list[MasterSlice]:
         """Taken afresh at each use: DeepSpeed may relink its fragments (after loading a checkpoint)."""
@@ -71,25 +77,28 @@ class ShardedEMA:
         torch._foreach_lerp_(self.shadow, [part.master for part in self.parts(model)], 1.0 - self.decay)
         for name, buffer in persistent_buffers(model).items():
             self.buffers[name].copy_(buffer)
+            self.buffer_averages[name].lerp_(buffer, 1.0 - self.decay)
 
     @torch.no_grad()
-    def fill(self, target) -> None:
+    def fill(self, target, buffers: str = "copy") -> None:
         """Write the EMA into `target`, a model built and parallelized like the trained one (collective
-        over every rank). Each parameter is put together from its parts with one sum over its group."""
+        over every rank), with its buffers copied (`buffers="copy"`) or averaged ("average"). Each
+        parameter is put together from its parts with one sum over its group."""
         for param, (start, group), shadow in zip(target.parameters(), self.layout, self.shadow, strict=True):
             whole = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
             whole[start:start + len(shadow)] = shadow
             if dist.is_initialized() and dist.get_world_size(group) > 1:
                 dist.all_reduce(whole, group=group)
             param.copy_(whole.view_as(param))
+        source = self.buffer_averages if buffers == "average" else self.buffers
         for name, buffer in persistent_buffers(target).items():
-            buffer.copy_(self.buffers[name])
+            buffer.copy_(source[name])
 
     def state_dict(self) -> dict:
         """This rank's shards: `shadow[i]` holds parameter `names[i]` from position `starts[i]` of its
         flattened local shard on."""
         return {"names": self.names, "shadow": self.shadow, "starts": [start for start, _ in self.layout],
-                "buffers": self.buffers}
+                "buffers": self.buffers, "buffer_averages": self.buffer_averages}
 
     def load_state_dict(self, state: dict) -> None:
         """This rank's shards as `state_dict` wrote them, from a checkpoint of the same layout."""
@@ -98,8 +107,10 @@ class ShardedEMA:
             raise ValueError("the EMA shards in the checkpoint do not fit this layout's partition of the model")
         for mine, saved in zip(self.shadow, state["shadow"]):
             mine.copy_(saved)
+        averages = state.get("buffer_averages", state["buffers"])  # older checkpoints: start from the copies
         for name, buffer in self.buffers.items():
             buffer.copy_(state["buffers"][name])
+            self.buffer_averages[name].copy_(averages[name])
 
     @torch.no_grad()
     def load_full(self, model, weights: dict[str, torch.Tensor]) -> None:
@@ -109,3 +120,5 @@ class ShardedEMA:
             shadow.copy_(local[start:start + len(shadow)])
         for name, buffer in self.buffers.items():
             buffer.copy_(weights[name])
+            self.buffer_averages[name].copy_(weights.get(averaged_name(name), weights[name]))
+

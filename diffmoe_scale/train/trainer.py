@@ -18,12 +18,15 @@ from ..parallel.groups import setup_groups
 from ..parallel.parallelize import build_parallel_model
 from ..parallel.precision import PRECISION_DTYPES, CastAtModelBoundary, enable_tf32, use_deterministic_algorithms
 from ..parallel.runtime import Runtime
+from .batches import dropped_labels, rank_batch
+from .calibration import calibrate_thresholds
 from .capacity import CapacityByCondition
 from .checkpoint import (SHARDED, atomic_torch_save, atomic_write_text, capture_rng, code_version, find_resumable,
                          is_checkpoint, layout_mismatch, prune, publish, rank_state_name, read_consolidated,
                          restore_rng, set_aside, tag_for, verify)
 from .disk_space import ensure_room, reporting_write_errors
 from .ema import ShardedEMA
+from .ema_thresholds import buffers_to_fill
 from .faults import inject as inject_fault
 from .faults import planned as planned_fault
 from .health import StepHealth, nonfinite_losses
@@ -135,27 +138,13 @@ class Trainer:
               f"{self.out_dir}", flush=True)
 
     def next_rank_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """This rank's rows of the next global batch: images, labels and their random draws, in fp32.
-
-        Noise, timesteps and label-dropout bits are drawn for the whole global batch on every rank
-        and each rank keeps its rows, so a sample's numbers do not depend on the parallel layout. They
-        come from a generator seeded by (seed, step) on the training device: no generator state to
-        save, and a checkpoint resumes the same draws on another machine of the same device type."""
-        config, groups, device = self.config, self.groups, self.runtime.device
-        generator = torch.Generator(device=device).manual_seed(config.train.seed * 2**32 + self.sampler.step)
-        indices, flips = self.sampler.next_indices()
-        images, labels = self.dataset.batch(indices, flips)
-        size = config.model.input_size
-        shape = (config.train.global_batch_size, config.model.in_channels, size, size)
-        noise, t = self.objective.draw(shape, generator, device=device)
-        drop = torch.rand(shape[0], generator=generator, device=device) < config.model.class_dropout
-        own = slice(groups.dp_rank * len(indices), (groups.dp_rank + 1) * len(indices))
-        draws = {"noise": noise[own], "t": t[own], "drop": drop[own]}
-        return images.to(device), labels.to(device), draws
+        """This rank's rows of the next global batch (see `rank_batch`)."""
+        return rank_batch(self.config, self.dataset, self.objective, self.sampler, self.groups.dp_rank,
+                          self.runtime.device, self.config.train.seed)
 
     def forward_backward(self, images, labels, draws: dict) -> dict[str, torch.Tensor]:
         """One micro-batch forward and backward; returns its (unweighted) losses."""
-        conditioning = torch.where(draws["drop"], torch.full_like(labels, self.config.model.num_classes), labels)
+        conditioning = dropped_labels(labels, draws["drop"], self.config.model.num_classes)
         losses = self.objective.training_losses(self.forward_model, images, conditioning, draws["noise"], draws["t"])
         self.capacity_by_condition.add(self.model, self.objective.noise_level(draws["t"]), labels)
         total = sum(self.weights.get(name, 1.0) * value for name, value in losses.items())
@@ -391,9 +380,13 @@ class Trainer:
         }
 
     def filled_ema_model(self):
-        """A model (fp32, eval) holding the EMA weights of now (collective: the EMA is sharded)."""
+        """A model (fp32, eval) holding the EMA weights of now and the thresholds `sample.thresholds` says
+        (collective: the EMA is sharded)."""
         if self.ema_model is None:
             self.ema_model = build_parallel_model(self.config, self.groups, self.runtime.device)
             self.ema_model.float().eval().requires_grad_(False)
-        self.ema.fill(self.ema_model)
+        mode = self.config.sample.thresholds
+        self.ema.fill(self.ema_model, buffers_to_fill(mode))
+        if mode == "calibrate":
+            calibrate_thresholds(self.ema_model, self.config, self.groups, self.runtime.device, self.dataset)
         return self.ema_model

@@ -8,6 +8,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_st
 from diffmoe_scale.parallel.collectives import all_gather
 from diffmoe_scale.parallel.consolidate import ADAM_MOMENTS, _link_optimizer_state, _master, _torch_optimizer, \
     persistent_buffers
+from diffmoe_scale.train.ema_thresholds import averaged_name
 
 
 def full_tensor(param, tensor: torch.Tensor, groups) -> torch.Tensor:
@@ -47,6 +48,10 @@ def gathered_state(trainer) -> dict:
     steps = [int(state["step"]) for state in optimizer.state.values() if "step" in state]
     ema_model = trainer.filled_ema_model()
     buffers = {name: buffer.clone() for name, buffer in persistent_buffers(model).items()}
-    ema_buffers = {name: buffer.clone() for name, buffer in persistent_buffers(ema_model).items()}
+    ema_buffers = {}  # copied and averaged, as filled into a model
+    for mode in ("copy", "average"):
+        trainer.ema.fill(ema_model, mode)
+        ema_buffers.update({name if mode == "copy" else averaged_name(name): buffer.clone()
+                            for name, buffer in persistent_buffers(ema_model).items()})
     return {"params": params, "moments": moments, "adam_step": max(steps, default=0), "buffers": buffers,
             "ema": {**full_state(ema_model, groups), **ema_buffers}, "trainer": trainer.trainer_state()}
