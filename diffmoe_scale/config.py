@@ -83,7 +83,7 @@ class SampleConfig:
     every_steps: int = 0  # a grid from the EMA weights every this many steps during training; 0 = off
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # launch/sample.py: auto = bf16 where the device has it
     seed: int = 0
-    thresholds: Literal["copy", "average", "calibrate"] = "copy"  # DiffMoE thresholds of the EMA model
+    thresholds: Literal["copy", "average", "calibrate"] = "average"  # DiffMoE thresholds of the EMA model
     calibration_batches: int = 16  # thresholds: calibrate
 
 
