@@ -11,6 +11,7 @@ from diffmoe_scale.config import load_config
 from diffmoe_scale.diffusion import DDPMObjective, FlowObjective
 from diffmoe_scale.models import DiffMoELayer
 from diffmoe_scale.models.experts import weighted_sum, wide_linear
+from diffmoe_scale.models.pair_rows import token_order
 from diffmoe_scale.parallel.precision import CastAtModelBoundary, enable_tf32
 from tests.helpers import read_metrics
 
@@ -113,7 +114,7 @@ def test_the_combine_accumulates_in_fp32_and_rounds_once():
     pair_token = torch.arange(16).repeat_interleave(experts)  # every expert took every token
     gate_index = torch.arange(16 * experts)
     expert_out = torch.randn(16 * experts, 32, generator=generator).to(BF16)
-    out = weighted_sum(tokens, scores, gate_index, pair_token, expert_out)
+    out = weighted_sum(tokens, scores, gate_index, token_order(pair_token, 16), expert_out)
     exact = (scores.double().reshape(-1, 1) * expert_out.double()).reshape(16, experts, 32).sum(1)
     assert out.dtype == BF16 and torch.equal(out, exact.to(BF16))
     bf16_sum = torch.zeros_like(tokens).index_add_(0, pair_token, scores.to(BF16).reshape(-1, 1) * expert_out)
