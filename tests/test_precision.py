@@ -197,3 +197,24 @@ def test_bf16_training_follows_fp32_over_fifty_steps(runtime, tmp_path, config_f
     assert worst < 0.05, f"largest per-step difference {worst:.2%}"
     assert sum(bf16[-10:]) / 10 == pytest.approx(sum(fp32[-10:]) / 10, rel=0.02)
     assert sum(bf16[-10:]) < 0.8 * sum(bf16[:10])
+
+
+def test_the_gpus_segment_sum_adds_as_the_cpus_index_add_and_gradients_flow_back_as_gathers():
+    """The combine sums each token's pairs in expert order: on a GPU as one segment per token (no atomics),
+    on a CPU with index_add; both make the same additions in the same order, so the same bits."""
+    from diffmoe_scale.models.pair_rows import gather_pairs, segment_sum, sum_by_token
+
+    generator = torch.Generator().manual_seed(5)
+    tokens, experts, per_expert = 40, 4, 15
+    pair_token = torch.cat([torch.randperm(tokens, generator=generator)[:per_expert].sort().values
+                            for _ in range(experts)])  # some tokens in several experts, some in none
+    order = token_order(pair_token, tokens)
+    rows = torch.randn(len(pair_token), 8, generator=generator, dtype=torch.float64).float()
+    assert torch.equal(segment_sum(rows, order), sum_by_token(rows, order))
+    untouched = torch.ones(tokens, dtype=torch.bool).index_fill_(0, pair_token, False)
+    assert untouched.any() and (sum_by_token(rows, order)[untouched] == 0).all()
+    x = torch.randn(tokens, 8, generator=generator).to(BF16).requires_grad_()
+    upstream = torch.randn(len(pair_token), 8, generator=generator).to(BF16)
+    gather_pairs(x, order).backward(upstream)
+    exact = torch.zeros(tokens, 8, dtype=torch.float64).index_add_(0, pair_token, upstream.double())
+    assert torch.equal(x.grad, exact.to(BF16))  # summed in fp32, rounded once

@@ -43,8 +43,8 @@ def segment_sum(rows: torch.Tensor, order: TokenOrder) -> torch.Tensor:
     return torch.segment_reduce(rows.index_select(0, order.by_token), "sum", offsets=order.offsets, axis=0)
 
 
-def _sum(rows: torch.Tensor, order: TokenOrder) -> torch.Tensor:
-    if rows.device.type == "cpu":  # the same additions in the same order (see the module doc), faster here
+def _sum(rows: torch.Tensor, order: TokenOrder, segments: bool) -> torch.Tensor:
+    if not segments:  # the same additions in the same order on a CPU (see the module doc), faster there
         total = rows.new_zeros((order.num_tokens, *rows.shape[1:]))
         return total.index_add_(0, order.pair_token, rows)
     return segment_sum(rows, order)
@@ -52,13 +52,13 @@ def _sum(rows: torch.Tensor, order: TokenOrder) -> torch.Tensor:
 
 class _SumByToken(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows, order: TokenOrder):
+    def forward(ctx, rows, order: TokenOrder, segments: bool):
         ctx.order = order
-        return _sum(rows, order)
+        return _sum(rows, order, segments)
 
     @staticmethod
     def backward(ctx, grad):
-        return _GatherPairs.apply(grad, ctx.order), None
+        return _GatherPairs.apply(grad, ctx.order), None, None
 
 
 class _GatherPairs(torch.autograd.Function):
@@ -70,7 +70,7 @@ class _GatherPairs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         wide = accumulation_dtype(grad.dtype)
-        return _SumByToken.apply(grad.to(wide), ctx.order).to(grad.dtype), None
+        return _SumByToken.apply(grad.to(wide), ctx.order, grad.device.type != "cpu").to(grad.dtype), None
 
 
 def gather_pairs(tokens: torch.Tensor, order: TokenOrder) -> torch.Tensor:
@@ -78,7 +78,7 @@ def gather_pairs(tokens: torch.Tensor, order: TokenOrder) -> torch.Tensor:
     return _GatherPairs.apply(tokens, order)
 
 
-def sum_by_token(rows: torch.Tensor, order: TokenOrder) -> torch.Tensor:
+def sum_by_token(rows: torch.Tensor, order: TokenOrder, segments: bool | None = None) -> torch.Tensor:
     """[P, D] -> [N, D]: per token the sum of its pairs' rows, in the rows' dtype (pass them widened to
-    accumulate wider); a token without pairs gets zeros."""
-    return _SumByToken.apply(rows, order)
+    accumulate wider); a token without pairs gets zeros. `segments`: sum by segments (default: off a CPU)."""
+    return _SumByToken.apply(rows, order, rows.device.type != "cpu" if segments is None else segments)
