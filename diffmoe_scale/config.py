@@ -124,8 +124,8 @@ class ParallelConfig:
     ep: int = 1  # expert-parallel size: ranks sharing a token pool and splitting the experts
     tp: int = 1  # tensor-parallel size (megatron-core column/row parallel linears)
     zero_stage: int = 0
-    # DeepSpeed ZeRO 1/2: reduce gradient buckets while the backward runs, and the bucket sizes (elements).
-    # With overlap DeepSpeed holds about 4.5x both buckets in buffers (the estimator counts them).
+    # DeepSpeed ZeRO 1/2: reduce gradient buckets while the backward runs (two reduce buckets then), and the
+    # bucket sizes in elements (DeepSpeed's default 5e8: 2 GB per fp32 bucket); the estimator counts them.
     overlap_comm: bool = True
     reduce_bucket_size: int = 50_000_000
     allgather_bucket_size: int = 50_000_000

@@ -31,9 +31,9 @@ PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 FP32 = 4
 INDEX = 8  # int64 routing indices
 # ZeRO 1/2 allocate a reduce bucket (parallel.reduce_bucket_size elements) in the training precision at
-# each backward and free it after the reduction; with overlap_comm, DeepSpeed's documentation puts its
-# buffers at about 4.5 times both buckets (reduce and all-gather).
-OVERLAP_BUFFERS = 4.5
+# each backward and free it after the reduction; with overlap_comm two (one fills while the other is
+# reduced), as the engine's census counts them (tests/test_estimate.py).
+OVERLAP_BUCKETS = 2
 TIMESTEP_FREQUENCIES = 256  # input width of the timestep MLP (TimestepEmbedder)
 # Values the loss keeps per latent value: flow's squared error keeps the difference; DDPM's
 # learned-variance bound keeps about 18 intermediates (counted with saved-tensor hooks).
@@ -150,14 +150,11 @@ def zero_partition(sizes: list[int], ranks: int) -> tuple[int, int]:
 
 
 def bucket_bytes(layout: Layout) -> int:
-    """ZeRO 1/2's communication buckets at the peak: the reduce bucket, or with overlap_comm DeepSpeed's
-    buffers of about 4.5 times both buckets."""
+    """ZeRO 1/2's reduce buckets during the backward (the all-gather bucket serves the parameter update,
+    after the backward's peak)."""
     if not layout.zero_stage:
         return 0
-    width = PRECISION_BYTES[layout.precision]
-    if layout.overlap_comm:
-        return round(OVERLAP_BUFFERS * (layout.reduce_bucket + layout.allgather_bucket) * width)
-    return layout.reduce_bucket * width
+    return layout.reduce_bucket * PRECISION_BYTES[layout.precision] * (OVERLAP_BUCKETS if layout.overlap_comm else 1)
 
 
 MODEL_STATE_KINDS = ("parameters", "gradients", "reduce_bucket", "master_weights", "optimizer_state", "ema")
