@@ -4,8 +4,9 @@ Everything is in bytes per rank. Memory:
 - model state as our DeepSpeed engine allocates it (contiguous gradients, reduce-scatter, the
   bucket sizes and overlap of `parallel.*`; see parallel/engine.py): the parameters in the training
   precision, their fp32 gradients, ZeRO's reduce buckets, fp32 master weights, Adam's two fp32
-  moments, and the trainer's fp32 EMA copy. ZeRO 1/2 partition dense parameters' optimizer state over the data-parallel group and
-  expert parameters' over the expert-data-parallel group; ZeRO 2 also partitions the gradients;
+  moments, and the trainer's fp32 EMA copy. ZeRO 1/2 partition dense parameters' optimizer state
+  over the data-parallel group and expert parameters' over the expert-data-parallel group; ZeRO 2
+  also partitions the gradients;
 - activations: what one micro-batch's forward keeps for backward, op by op (the `_activation_*`
   functions say which op keeps what), with and without activation checkpointing;
 - the peak of a step (`peak_bytes`).
