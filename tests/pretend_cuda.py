@@ -319,6 +319,8 @@ def pretend_cuda():
         mock.patch("torch.cuda.set_device", lambda device: None),
         mock.patch("torch.cuda.get_device_capability", lambda device=None: (9, 0)),
         mock.patch("torch.cuda.max_memory_allocated", lambda device=None: 0),
+        mock.patch("torch.cuda.get_device_name", lambda device=None: "NVIDIA H200 (pretend)"),
+        mock.patch("torch.cuda.synchronize", lambda device=None: None),
         mock.patch("torch.cuda.get_rng_state", lambda device="cuda": torch.zeros(16, dtype=torch.uint8)),
         mock.patch("torch.cuda.set_rng_state", lambda state, device="cuda": None),
         mock.patch("torch.Generator", _Generator),
