@@ -4,6 +4,7 @@
   python benchmarks/moe_layer.py                 # S width at 2K, 8K, 16K tokens, B at 2K, 8K; E 4/8/16 (~6 min)
   python benchmarks/moe_layer.py --sizes B --tokens 16384 --experts 8
   python benchmarks/moe_layer.py --device cuda --dtype bf16
+  python benchmarks/moe_layer.py --combine       # the combine alone: segment sum against index_add
 
 Baselines (the `name` of each result line):
   dense      the dense FFN of equal activated FLOPs (DiffMoE at capacity 1 sends each token through
@@ -24,6 +25,12 @@ temporaries and gradients (E experts have E times the dense FFN's weight gradien
 the allocator's statistics, on a CPU from the profiler's record of every allocation and free.
 On a CPU, freed memory is kept for reuse as in training (`keep_freed_cpu_memory`), so that page faults
 of fresh allocations do not decide the comparison. Each line printed is one JSON object; a table follows.
+
+With --combine, only the gate-weighted combine is timed (forward and backward, fp32 rows as the layer
+accumulates them, each expert taking tokens/E random tokens): ours by segments per token (what a GPU
+runs: no atomics, the same bits every run; backward a gather), ours with index_add (what a CPU runs:
+there the same additions in the same order; backward a gather) and torch's index_add with its own
+autograd (the previous combine: atomics on a GPU).
 """
 import contextlib
 import json
@@ -38,6 +45,7 @@ from torch import nn
 from diffmoe_scale.cli import docstring_parser
 from diffmoe_scale.config import MODEL_SIZES
 from diffmoe_scale.models import DiffMoELayer, FeedForward
+from diffmoe_scale.models.pair_rows import sum_by_token, token_order
 from diffmoe_scale.parallel.runtime import init_runtime, keep_freed_cpu_memory
 
 BASELINES = ("dense", "dense_predictor", "deepspeed", "loop")
@@ -204,6 +212,38 @@ def measure(size: str, num_experts: int, tokens: int, args) -> list[dict]:
     return results
 
 
+COMBINES = ("segments", "index_add_ordered", "index_add_autograd")
+
+
+def measure_combine(size: str, num_experts: int, tokens: int, args) -> dict:
+    """Forward+backward ms of each combine on the same pairs (see the docstring), medians over the repeats."""
+    _, dim, _ = MODEL_SIZES[size]
+    device = torch.device(args.device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    chosen = [torch.randperm(tokens, generator=generator, device=device)[: tokens // num_experts].sort().values
+              for _ in range(num_experts)]
+    order = token_order(torch.cat(chosen), tokens)
+    rows = torch.randn(len(order.pair_token), dim, device=device, requires_grad=True)
+    upstream = torch.randn(tokens, dim, device=device)
+    runs = {"segments": lambda: sum_by_token(rows, order, segments=True),
+            "index_add_ordered": lambda: sum_by_token(rows, order, segments=False),
+            "index_add_autograd": lambda: torch.zeros_like(upstream).index_add(0, order.pair_token, rows)}
+    times = {name: [] for name in runs}
+    for repeat in range(args.repeats + 1):
+        for name, run in runs.items():
+            rows.grad = None
+            synchronize(device)
+            start = time.perf_counter()
+            run().backward(upstream)
+            synchronize(device)
+            if repeat:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {"name": "combine", "size": size, "experts": num_experts, "tokens": tokens, "device": args.device,
+            **{f"{name}_ms": round(ms, 3) for name, ms in medians.items()},
+            "segments/index_add_autograd": round(medians["segments"] / medians["index_add_autograd"], 3)}
+
+
 def cases(args) -> list[tuple[str, int]]:
     if args.sizes is None and args.tokens is None:
         return [(size, tokens) for size, token_counts in DEFAULT_CASES.items() for tokens in token_counts]
@@ -223,6 +263,17 @@ def print_table(results: list[dict], baselines: list[str]) -> None:
                   f"{r['baseline_peak_mb']:>5.0f}" for r in results[i:i + len(baselines)]))
 
 
+def print_combines(results: list[dict]) -> int:
+    for result in results:
+        print(json.dumps(result), flush=True)
+    print(f"\n{'size':>4} {'E':>3} {'tokens':>6} " + " ".join(f"{name + ' ms':>22}" for name in COMBINES)
+          + "  segments / index_add")
+    for r in results:
+        print(f"{r['size']:>4} {r['experts']:>3} {r['tokens']:>6} "
+              + " ".join(f"{r[name + '_ms']:>22.2f}" for name in COMBINES) + f"  {r['segments/index_add_autograd']:>8.2f}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = docstring_parser(__doc__)
     parser.add_argument("--sizes", help="comma-separated DiT sizes for the width (S, B, L, XL); default: see above")
@@ -234,6 +285,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    parser.add_argument("--combine", action="store_true", help="time the combine alone (see the docstring)")
     args = parser.parse_args(argv)
     args.baselines = args.baselines.split(",")
     unknown = [name for name in args.baselines if name not in BASELINES]
@@ -244,6 +296,9 @@ def main(argv=None) -> int:
             parser.error(f"--sizes: unknown size {size!r} (one of {', '.join(MODEL_SIZES)})")
     torch.set_num_threads(args.threads)
     keep_freed_cpu_memory()
+    if args.combine:
+        return print_combines([measure_combine(size, int(e), tokens, args)
+                               for size, tokens in cases(args) for e in args.experts.split(",")])
     if "deepspeed" in args.baselines:
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout (a handler made at import)
             init_runtime()  # DeepSpeed's MoE layer needs its process groups, here a world of one

@@ -116,6 +116,9 @@ class TrainConfig:
     tf32: bool = True  # TF32 for the matmuls that stay fp32, on GPUs that have it (false: exact fp32)
     deterministic: bool = False  # bit-exact GPU runs: deterministic kernels, math attention (slower)
     max_nonfinite_steps: int = 5  # NaN/Inf steps in a row (each skipped) before the run saves and stops
+    # Dense peak TFLOP/s of one device in the training precision, for the MFU in the logs; default: from
+    # the GPU's name (H100, H200, A100, B200; train/efficiency.py), none on a CPU.
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -123,6 +126,11 @@ class ParallelConfig:
     ep: int = 1  # expert-parallel size: ranks sharing a token pool and splitting the experts
     tp: int = 1  # tensor-parallel size (megatron-core column/row parallel linears)
     zero_stage: int = 0
+    # DeepSpeed ZeRO 1/2: reduce gradient buckets while the backward runs (two reduce buckets then), and the
+    # bucket sizes in elements (DeepSpeed's default 5e8: 2 GB per fp32 bucket); the estimator counts them.
+    overlap_comm: bool = True
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
     activation_checkpointing: bool = False  # recompute blocks in backward instead of keeping activations
     activation_checkpointing_every: int = 1  # checkpoint blocks 0, n, 2n, ...
     # Every process group's timeout: a collective that waits longer ends the job (a peer stalled or died).
@@ -365,6 +373,12 @@ def _resolve_and_validate(config: Config, source: str) -> None:
     require(checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
     require(checkpoint.keep_every >= 0, "checkpoint.keep_every", "must be >= 0 (0 = none)")
     require(parallel.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        require(getattr(parallel, key) >= 1_000_000, f"parallel.{key}",
+                f"must be at least 1000000 elements (got {getattr(parallel, key)}): smaller buckets make many "
+                f"small collectives")
+    require(train.peak_tflops is None or 0 < train.peak_tflops < float("inf"), "train.peak_tflops",
+            "must be positive and finite (or unset: from the GPU's name)")
     require(parallel.activation_checkpointing_every >= 1, "parallel.activation_checkpointing_every",
             "must be at least 1")
     require(0 < parallel.timeout_minutes < float("inf"), "parallel.timeout_minutes", "must be positive and finite")

@@ -1,11 +1,12 @@
 """Memory and communication of one rank of a training layout, from the config alone.
 
 Everything is in bytes per rank. Memory:
-- model state as our DeepSpeed engine allocates it (contiguous gradients, reduce-scatter, no
-  overlap; see parallel/engine.py): the parameters in the training precision, their fp32 gradients,
-  ZeRO's reduce bucket, fp32 master weights, Adam's two fp32 moments, and the trainer's fp32 EMA
-  copy. ZeRO 1/2 partition dense parameters' optimizer state over the data-parallel group and
-  expert parameters' over the expert-data-parallel group; ZeRO 2 also partitions the gradients;
+- model state as our DeepSpeed engine allocates it (contiguous gradients, reduce-scatter, the
+  bucket sizes and overlap of `parallel.*`; see parallel/engine.py): the parameters in the training
+  precision, their fp32 gradients, ZeRO's reduce buckets, fp32 master weights, Adam's two fp32
+  moments, and the trainer's fp32 EMA copy. ZeRO 1/2 partition dense parameters' optimizer state
+  over the data-parallel group and expert parameters' over the expert-data-parallel group; ZeRO 2
+  also partitions the gradients;
 - activations: what one micro-batch's forward keeps for backward, op by op (the `_activation_*`
   functions say which op keeps what), with and without activation checkpointing;
 - the peak of a step (`peak_bytes`).
@@ -30,9 +31,10 @@ from .parallel.groups import check_layout
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 FP32 = 4
 INDEX = 8  # int64 routing indices
-# DeepSpeed's default zero_optimization.reduce_bucket_size (elements), which engine.py keeps: ZeRO 1/2
-# allocate a bucket of it in the training precision at each backward and free it after the reduction.
-REDUCE_BUCKET_ELEMENTS = 500_000_000
+# ZeRO 1/2 allocate a reduce bucket (parallel.reduce_bucket_size elements) in the training precision at
+# each backward and free it after the reduction; with overlap_comm two (one fills while the other is
+# reduced), as the engine's census counts them (tests/test_estimate.py).
+OVERLAP_BUCKETS = 2
 TIMESTEP_FREQUENCIES = 256  # input width of the timestep MLP (TimestepEmbedder)
 # Values the loss keeps per latent value: flow's squared error keeps the difference; DDPM's
 # learned-variance bound keeps about 18 intermediates (counted with saved-tensor hooks).
@@ -55,6 +57,9 @@ class Layout:
     grad_accum: int
     checkpoint_every: int  # 0: no activation checkpointing
     attention: str
+    overlap_comm: bool = False
+    reduce_bucket: int = 50_000_000  # elements
+    allgather_bucket: int = 50_000_000
 
     @property
     def expert_dp(self) -> int:
@@ -77,7 +82,8 @@ def layout_of(config: Config, world_size: int | None = None, attention: str = "f
         precision=train.precision, micro_batch=train.global_batch_size // (dp * train.grad_accum_steps),
         grad_accum=train.grad_accum_steps,
         checkpoint_every=parallel.activation_checkpointing_every if parallel.activation_checkpointing else 0,
-        attention=attention,
+        attention=attention, overlap_comm=parallel.overlap_comm, reduce_bucket=parallel.reduce_bucket_size,
+        allgather_bucket=parallel.allgather_bucket_size,
     )
 
 
@@ -144,6 +150,14 @@ def zero_partition(sizes: list[int], ranks: int) -> tuple[int, int]:
     return partition, gradients
 
 
+def bucket_bytes(layout: Layout) -> int:
+    """ZeRO 1/2's reduce buckets during the backward (the all-gather bucket serves the parameter update,
+    after the backward's peak)."""
+    if not layout.zero_stage:
+        return 0
+    return layout.reduce_bucket * PRECISION_BYTES[layout.precision] * (OVERLAP_BUCKETS if layout.overlap_comm else 1)
+
+
 MODEL_STATE_KINDS = ("parameters", "gradients", "reduce_bucket", "master_weights", "optimizer_state", "ema")
 
 
@@ -171,7 +185,7 @@ def model_state_bytes(params: Parameters, layout: Layout) -> dict[str, int]:
     return {
         "parameters": local * width,
         "gradients": gradients * FP32,
-        "reduce_bucket": REDUCE_BUCKET_ELEMENTS * width if layout.zero_stage else 0,
+        "reduce_bucket": bucket_bytes(layout),
         "master_weights": partition * FP32 if has_master else 0,
         "optimizer_state": 2 * partition * FP32,
         "ema": ema * FP32,

@@ -26,6 +26,8 @@ device of torch's object collectives (what the NCCL backend would choose).
 """
 import contextlib
 import pickle
+import traceback
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -83,8 +85,8 @@ CROSS_DEVICE = {aten.copy_.default, aten._to_copy.default, aten.index.Tensor, at
                 aten._index_put_impl_.default, aten.lift_fresh.default, aten.set_.source_Tensor}
 # Ops that wait for the device: a scalar or shape read back, or an output whose size depends on values.
 HOST_SYNCS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
-              aten.unique_consecutive.default, aten._unique2.default, aten.bincount.default,
-              aten.repeat_interleave.Tensor, aten.equal.default, aten.is_nonzero.default}
+              aten.unique_consecutive.default, aten._unique2.default, aten.unique_dim.default, aten.bincount.default,
+              aten.equal.default, aten.is_nonzero.default}
 COLLECTIVES_WITHOUT_DATA = {"barrier", "monitored_barrier_"}
 
 _REAL_GENERATOR = torch.Generator
@@ -117,6 +119,30 @@ def _boolean_mask_indexing(func, args) -> bool:
     return any(index is not None and index.dtype in (torch.bool, torch.uint8) for index in args[1])
 
 
+def _waits_for_device(func, args, kwargs, on_cuda) -> bool:
+    """Whether CUDA would make the host wait: a value or a size read back, or a blocking copy between host and
+    device (a copy to the device from pageable memory waits for the device's queue too)."""
+    if func in HOST_SYNCS or _boolean_mask_indexing(func, args):
+        return bool(on_cuda)
+    if func is aten.repeat_interleave.Tensor:  # the output size must be read back unless given
+        return bool(on_cuda) and kwargs.get("output_size") is None
+    if func is aten._to_copy.default and not kwargs.get("non_blocking", False):
+        source_on_cuda = isinstance(args[0], OnCuda)
+        return source_on_cuda != _claims_cuda(kwargs.get("device")) if "device" in kwargs else False
+    if func is aten.copy_.default and not (args[2:] and args[2]) and not kwargs.get("non_blocking", False):
+        return isinstance(args[0], OnCuda) != isinstance(args[1], OnCuda)
+    return False
+
+
+def _sync_site() -> str:
+    """file:line of the innermost frame of the package or the tests that asked for the sync."""
+    for frame in reversed(traceback.extract_stack()[:-3]):
+        ours = any(part in frame.filename for part in ("/diffmoe_scale/", "/tests/", "/benchmarks/"))
+        if ours and not frame.filename.endswith("pretend_cuda.py"):
+            return f"{Path(frame.filename).name}:{frame.lineno}"
+    return "?"
+
+
 def _host(value):
     return value.host if isinstance(value, OnCuda) else value
 
@@ -140,10 +166,15 @@ class PretendCudaMode(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.host_syncs: dict[str, int] = {}
+        self.sync_sites: list[str] = []  # "op at file:line" of each sync, in order
         self.collective_dtypes: dict[str, set] = {}  # c10d op name -> dtypes of the tensors it carried
 
     def count_sync(self, name: str) -> None:
         self.host_syncs[name] = self.host_syncs.get(name, 0) + 1
+        self.sync_sites.append(f"{name} at {_sync_site()}")
+
+    def reset_counts(self) -> None:
+        self.host_syncs, self.sync_sites = {}, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -151,11 +182,11 @@ class PretendCudaMode(TorchDispatchMode):
         on_cuda = [t for t in tensors if isinstance(t, OnCuda)]
         on_cpu = [t for t in tensors if not isinstance(t, OnCuda)]
         self._check(func, kwargs, on_cuda, on_cpu)
+        if _waits_for_device(func, args, kwargs, on_cuda):
+            self.count_sync(func.__name__)
         to_cuda = _claims_cuda(kwargs.get("device"))
         if to_cuda:
             kwargs = {**kwargs, "device": torch.device("cpu")}
-        if on_cuda and (func in HOST_SYNCS or _boolean_mask_indexing(func, args)):
-            self.count_sync(func.__name__)
         out = func(*tree_map(_host, args), **tree_map(_host, kwargs))
         if func.namespace == "c10d":
             self.collective_dtypes.setdefault(func._opname, set()).update(str(t.dtype) for t in on_cuda)
@@ -226,7 +257,9 @@ class CudaMoves(TorchFunctionMode):
             dtype = next((a for a in args[1:] if isinstance(a, torch.dtype)), kwargs.get("dtype")) or tensor.dtype
             if isinstance(tensor, OnCuda) and dtype == tensor.dtype:
                 return tensor
-            return aten._to_copy.default(tensor, dtype=dtype, device=CUDA)
+            return aten._to_copy.default(tensor, dtype=dtype, device=CUDA, non_blocking=kwargs.get("non_blocking", False))
+        if func is torch.Tensor.pin_memory:
+            return args[0]  # host memory is host memory here; a non-blocking copy from it then waits for nothing
         return func(*args, **kwargs)
 
 
@@ -286,6 +319,8 @@ def pretend_cuda():
         mock.patch("torch.cuda.set_device", lambda device: None),
         mock.patch("torch.cuda.get_device_capability", lambda device=None: (9, 0)),
         mock.patch("torch.cuda.max_memory_allocated", lambda device=None: 0),
+        mock.patch("torch.cuda.get_device_name", lambda device=None: "NVIDIA H200 (pretend)"),
+        mock.patch("torch.cuda.synchronize", lambda device=None: None),
         mock.patch("torch.cuda.get_rng_state", lambda device="cuda": torch.zeros(16, dtype=torch.uint8)),
         mock.patch("torch.cuda.set_rng_state", lambda state, device="cuda": None),
         mock.patch("torch.Generator", _Generator),

@@ -98,3 +98,19 @@ def test_moe_layer_benchmark_reports_every_baseline_consistently():
     dense = records[0]
     assert dense["ours_peak_mb"] > dense["baseline_peak_mb"]  # four experts' weight gradients against one FFN's
     assert table[1].split()[:3] == ["S", "4", "512"]
+
+
+def test_gpu_script_parses_and_its_random_latents_fit_the_l_e8_config(tmp_path):
+    """benchmarks/gpu.sh needs a GPU to run; here: its syntax, and the data its training steps read."""
+    from diffmoe_scale.config import load_config
+    from diffmoe_scale.data.latents import build_latent_dataset
+
+    assert subprocess.run(["bash", "-n", "benchmarks/gpu.sh"], cwd=REPO).returncode == 0
+    spec = importlib.util.spec_from_file_location("random_latents", REPO / "benchmarks/random_latents.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(tmp_path), "--images", "16"]) == 0
+    config = load_config(REPO / "configs/imagenet/diffmoe_l_e8_flow.yaml",
+                         [f"data.path={tmp_path}", "data.hflip=false", "train.global_batch_size=16"])
+    latents, labels = build_latent_dataset(config).batch(torch.arange(4))
+    assert latents.shape == (4, 4, 32, 32) and labels.max() < 1000

@@ -356,6 +356,12 @@ BAD_CASES = [
     case("checkpoint-negative", DIGITS_BASE + "checkpoint:\n  every_steps: -5\n", "checkpoint.every_steps: must be >= 0"),
     case("keep-every-negative", DIGITS_BASE + "checkpoint:\n  keep_every: -1\n", "checkpoint.keep_every: must be >= 0"),
     case("bad-precision", DIGITS_BASE + "train:\n  precision: fp8\n", "train.precision must be one of"),
+    case("tiny-reduce-bucket", DIGITS_BASE + "parallel:\n  reduce_bucket_size: 1000\n",
+         "parallel.reduce_bucket_size: must be at least 1000000 elements (got 1000)"),
+    case("tiny-allgather-bucket", DIGITS_BASE + "parallel:\n  allgather_bucket_size: 0\n",
+         "parallel.allgather_bucket_size: must be at least 1000000"),
+    case("overlap-not-bool", DIGITS_BASE + "parallel:\n  overlap_comm: maybe\n", "parallel.overlap_comm must be bool"),
+    case("peak-negative", DIGITS_BASE + "train:\n  peak_tflops: -1\n", "train.peak_tflops: must be positive and finite"),
     # files
     case("missing-file", None, "config file not found", named="bad.yaml"),
     case("missing-base", "base: nowhere.yaml\n", "base file", named="nowhere.yaml"),

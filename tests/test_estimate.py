@@ -122,3 +122,14 @@ def test_cli_plans_a_layout_and_names_the_bad_key(capsys):
     assert config_case["memory"]["parameters"] == local * PRECISION_BYTES["bf16"]
     assert main(["--config", DIGITS, "--set", "parallel.ep=2", "--world-size", "3"]) == 2
     assert "parallel.ep: 2 does not divide the data-parallel size 3" in capsys.readouterr().err
+
+
+def test_the_estimate_follows_the_bucket_settings():
+    def buckets(*overrides):  # bf16 unless overridden
+        config = load_config(REPO / "configs/imagenet/diffmoe_l_e8_flow.yaml", ["train.precision=bf16", *overrides])
+        return estimate(config, layout_of(config, 8))["memory"]["reduce_bucket"]
+
+    assert buckets("parallel.zero_stage=1", "parallel.overlap_comm=false") == 50_000_000 * 2
+    assert buckets("parallel.zero_stage=2", "parallel.overlap_comm=false", "parallel.reduce_bucket_size=200000000") == 4e8
+    assert buckets("parallel.zero_stage=2") == 2 * 50_000_000 * 2  # overlap: two buckets, one filling, one reduced
+    assert buckets("parallel.zero_stage=0", "train.precision=fp32") == 0

@@ -11,6 +11,7 @@ from diffmoe_scale.config import load_config
 from diffmoe_scale.diffusion import DDPMObjective, FlowObjective
 from diffmoe_scale.models import DiffMoELayer
 from diffmoe_scale.models.experts import weighted_sum, wide_linear
+from diffmoe_scale.models.pair_rows import token_order
 from diffmoe_scale.parallel.precision import CastAtModelBoundary, enable_tf32
 from tests.helpers import read_metrics
 
@@ -113,7 +114,7 @@ def test_the_combine_accumulates_in_fp32_and_rounds_once():
     pair_token = torch.arange(16).repeat_interleave(experts)  # every expert took every token
     gate_index = torch.arange(16 * experts)
     expert_out = torch.randn(16 * experts, 32, generator=generator).to(BF16)
-    out = weighted_sum(tokens, scores, gate_index, pair_token, expert_out)
+    out = weighted_sum(tokens, scores, gate_index, token_order(pair_token, 16), expert_out)
     exact = (scores.double().reshape(-1, 1) * expert_out.double()).reshape(16, experts, 32).sum(1)
     assert out.dtype == BF16 and torch.equal(out, exact.to(BF16))
     bf16_sum = torch.zeros_like(tokens).index_add_(0, pair_token, scores.to(BF16).reshape(-1, 1) * expert_out)
@@ -196,3 +197,24 @@ def test_bf16_training_follows_fp32_over_fifty_steps(runtime, tmp_path, config_f
     assert worst < 0.05, f"largest per-step difference {worst:.2%}"
     assert sum(bf16[-10:]) / 10 == pytest.approx(sum(fp32[-10:]) / 10, rel=0.02)
     assert sum(bf16[-10:]) < 0.8 * sum(bf16[:10])
+
+
+def test_the_gpus_segment_sum_adds_as_the_cpus_index_add_and_gradients_flow_back_as_gathers():
+    """The combine sums each token's pairs in expert order: on a GPU as one segment per token (no atomics),
+    on a CPU with index_add; both make the same additions in the same order, so the same bits."""
+    from diffmoe_scale.models.pair_rows import gather_pairs, segment_sum, sum_by_token
+
+    generator = torch.Generator().manual_seed(5)
+    tokens, experts, per_expert = 40, 16, 30  # about 12 pairs per token: bf16 sums would round
+    pair_token = torch.cat([torch.randperm(tokens - 4, generator=generator)[:per_expert].sort().values
+                            for _ in range(experts)])  # most tokens in several experts, the last 4 in none
+    order = token_order(pair_token, tokens)
+    rows = torch.randn(len(pair_token), 8, generator=generator, dtype=torch.float64).float()
+    assert torch.equal(segment_sum(rows, order), sum_by_token(rows, order))
+    untouched = torch.ones(tokens, dtype=torch.bool).index_fill_(0, pair_token, False)
+    assert untouched.any() and (sum_by_token(rows, order)[untouched] == 0).all()
+    x = torch.randn(tokens, 8, generator=generator).to(BF16).requires_grad_()
+    upstream = torch.randn(len(pair_token), 8, generator=generator).to(BF16)
+    gather_pairs(x, order).backward(upstream)
+    exact = torch.zeros(tokens, 8, dtype=torch.float64).index_add_(0, pair_token, upstream.double())
+    assert torch.equal(x.grad, exact.to(BF16))  # summed in fp32, rounded once

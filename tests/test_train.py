@@ -59,9 +59,10 @@ def run_cli(*args):
 @pytest.mark.slow
 def test_readme_default_command_writes_metrics_config_and_samples(tmp_path):
     result = run_cli("--config", "configs/digits_diffmoe_e4_flow.yaml", "--set", "train.max_steps=20",
-                     "--set", "logging.every_steps=10", "--set", f"train.out_dir={tmp_path}")
+                     "--set", "logging.every_steps=10", "--set", f"train.out_dir={tmp_path}",
+                     "--set", "train.peak_tflops=0.5")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "step 20/20" in result.stdout
+    assert "step 20/20" in result.stdout and "TFLOP/s/dev, MFU " in result.stdout
 
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [10, 20]
@@ -69,6 +70,12 @@ def test_readme_default_command_writes_metrics_config_and_samples(tmp_path):
                 "capacity", "peak_memory_mb", "all_to_all_mb"):
         assert key in records[-1], key
     assert records[-1]["grad_norm"] > 0
+    last = records[-1]  # efficiency: FLOPs counted once, TFLOP/s and MFU from the window's step time
+    assert last["tflops_per_device"] == pytest.approx(last["model_tflop_per_step"] / last["step_time_s"])
+    assert last["mfu"] == pytest.approx(last["tflops_per_device"] / 0.5)
+    assert set(last["phase_s"]) == {"data", "forward", "backward", "optimizer", "all_to_all"}
+    assert all(last["phase_s"][phase] > 0 for phase in ("data", "forward", "backward", "optimizer"))
+    assert sum(last["phase_s"].values()) < 2 * last["step_time_s"] * 10  # one timed step of a 10-step window
     assert len(records[-1]["capacity"]) == 3 and len(records[-1]["capacity"][0]) == 4  # 3 MoE layers x 4 experts
 
     resolved = load_config(tmp_path / "config.yaml")

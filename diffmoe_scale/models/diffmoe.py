@@ -125,8 +125,10 @@ class DiffMoELayer(RoutedFFN):
         token_idx, _ = top_c_per_expert(pool_scores.reshape(-1, pool_size, self.num_experts), k)  # [E, G*k]
         if order is not None:
             token_idx = order[token_idx]  # back to gathered rows
+        token_idx = token_idx.sort(dim=1).values  # each expert's tokens in token order, as a Routing lists them
         pair_expert = torch.arange(self.num_experts, device=scores.device).repeat_interleave(token_idx.shape[1])
-        routing = Routing(pair_expert, token_idx.reshape(-1), [token_idx.shape[1]] * self.num_experts)
+        owners = self.owner_counts(token_idx, len(pool_scores), pool_size, pools_in_row_order=order is None)
+        routing = Routing(pair_expert, token_idx.reshape(-1), owners)
         self.record_routing(routing, len(pool_scores))
         target = None
         if predictor_logits is not None:
@@ -136,6 +138,17 @@ class DiffMoELayer(RoutedFFN):
             pool_probs = pooled[:, self.num_experts :].reshape(-1, pool_size, self.num_experts)
             self.pending_quantile = pool_probs.topk(k, dim=1).values[:, -1].mean(dim=0)  # [E]
         return TopCDecision(self.dispatch.plan(routing, scores, self.experts), target)
+
+    def owner_counts(self, token_idx, num_tokens: int, pool_size: int, *,
+                     pools_in_row_order: bool) -> list[list[int]]:
+        """[rank][expert]: how many of each expert's tokens (token_idx [E, G*k]) lie in each rank's slice of
+        the gathered pool. Known from the shapes unless a pool spans ranks; then one host read."""
+        ranks, per_expert = self.dispatch.size, token_idx.shape[1]
+        # Every pool within one rank: k per pool, equal pools per rank.
+        if pools_in_row_order and (num_tokens // ranks) % pool_size == 0:
+            return [[per_expert // ranks] * self.num_experts for _ in range(ranks)]
+        owner = token_idx // (num_tokens // ranks)
+        return (owner.unsqueeze(-1) == torch.arange(ranks, device=owner.device)).sum(dim=1).T.tolist()
 
     def threshold_routing(self, tokens, scores, pool_size: int) -> Routing:
         """Inference: how many tokens each expert takes comes from the predictor and the thresholds."""
@@ -150,7 +163,7 @@ class DiffMoELayer(RoutedFFN):
         ])
         if order is not None:
             mask = torch.empty_like(mask).index_copy_(0, order, mask)  # back to gathered rows
-        return routing_from_mask(mask)
+        return routing_from_mask(mask, owners=self.dispatch.size)
 
     def _gather_routing_inputs(self, scores, predictor_logits):
         """Router scores (and predictor probabilities) of every pool member's tokens: [pool, E or 2E].

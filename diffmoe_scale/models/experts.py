@@ -3,11 +3,17 @@
 Every FFN kind returns `(output, losses)`: `losses` maps a name to an unweighted scalar (empty for
 dense), so blocks can treat dense and MoE layers alike.
 
-Routing is described by a `Routing`: (expert, token) pairs of the pool sorted by expert. A dispatch
-object turns a routing into a `plan` for this process once (index tensors, split sizes: everything a
-recomputed forward can reuse) and `combine`s by the plan: it runs the pairs through the experts and
-returns the gate-weighted sum per token. `LocalDispatch` (one process holds the pool and every expert)
-is the default; `diffmoe_scale.parallel` swaps in one that spreads pool and experts over ranks.
+Routing is described by a `Routing`: (expert, token) pairs of the pool sorted by expert, then token. A
+dispatch object turns a routing into a `plan` for this process once (index tensors, split sizes:
+everything a recomputed forward can reuse) and `combine`s by the plan: it runs the pairs through the
+experts and returns the gate-weighted sum per token (deterministic, accumulated in fp32: pair_rows.py).
+`LocalDispatch` (one process holds the pool and every expert) is the default; `diffmoe_scale.parallel`
+swaps in one that spreads pool and experts over ranks.
+
+Host syncs: the sizes of expert batches and all-to-all splits must be known on the host. Training's
+expert choice knows them from shapes alone (k tokens per expert and pool); only a pool spread over
+ranks reads, once per layer, how many of each expert's tokens each rank holds. Routing from a mask
+(inference, token choice) reads its counts once. tests/test_host_syncs.py holds the budget.
 """
 import math
 from typing import NamedTuple
@@ -15,6 +21,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .pair_rows import TokenOrder, accumulation_dtype, gather_pairs, sum_by_token, token_order
 
 
 class FeedForward(nn.Module):
@@ -80,7 +88,8 @@ class Experts(nn.Module):
         return torch.cat([self.expert(e, chunk) for e, chunk in enumerate(chunks)])
 
     def _grouped(self, x, counts: list[int]):
-        sizes = torch.tensor(counts, device=x.device)  # from the host list: a copy, not a sync
+        # Pinned and non-blocking: a blocking copy from pageable memory would wait for the device's queue.
+        sizes = torch.tensor(counts).pin_memory().to(x.device, non_blocking=True)
         ends = sizes.cumsum(0).to(torch.int32)
         row_expert = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), sizes,
                                              output_size=len(x))
@@ -89,18 +98,32 @@ class Experts(nn.Module):
 
 
 class Routing(NamedTuple):
-    """(expert, token) pairs of a pool sorted by expert: expert `pair_expert[i]` takes token
-    `pair_token[i]`; the first `counts[0]` pairs are expert 0's, and so on. `counts` is a host list:
-    it sizes the expert batches (and the all-to-all), so it must not cost a device sync each step."""
+    """(expert, token) pairs of a pool sorted by expert, then token: expert `pair_expert[i]` takes token
+    `pair_token[i]`. `owner_counts[r][e]`: how many of expert e's pairs have their token in the r-th of
+    `len(owner_counts)` equal slices of the pool (the ranks of a dispatch, in order), so expert e's pairs
+    are one run per slice. A host list: it sizes the expert batches and the all-to-all."""
     pair_expert: torch.Tensor
     pair_token: torch.Tensor
-    counts: list[int]
+    owner_counts: list[list[int]]
+
+    @property
+    def counts(self) -> list[int]:
+        """Tokens of each expert."""
+        return [sum(column) for column in zip(*self.owner_counts)]
 
 
-def routing_from_mask(mask) -> Routing:
-    """[N, E] bool routing mask -> its Routing."""
-    pair_expert, pair_token = mask.T.nonzero(as_tuple=True)
-    return Routing(pair_expert, pair_token, mask.sum(dim=0).tolist())
+def routing_from_mask(mask, owners: int = 1) -> Routing:
+    """[N, E] bool routing mask -> its Routing (`owners`: slices of the pool for `owner_counts`).
+    One host read: the counts."""
+    num_tokens, num_experts = mask.shape
+    per_owner = mask.view(owners, num_tokens // owners, num_experts).sum(dim=1)  # [owners, E]
+    owner_counts = per_owner.tolist()  # the one host sync
+    counts = [sum(column) for column in zip(*owner_counts)]
+    taken_first = (~mask).T.to(torch.uint8).argsort(dim=1, stable=True)  # [E, N]: each expert's tokens, in order
+    pair_token = torch.cat([taken_first[e, :count] for e, count in enumerate(counts)])
+    pair_expert = torch.arange(num_experts, device=mask.device).repeat_interleave(
+        per_owner.sum(dim=0), output_size=len(pair_token))
+    return Routing(pair_expert, pair_token, owner_counts)
 
 
 def routing_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -141,21 +164,21 @@ def router_scores(router: nn.Linear, tokens):
     return wide_linear(tokens, router.weight).softmax(dim=-1)
 
 
-def weighted_sum(tokens, scores, gate_index, pair_token, expert_out):
+def weighted_sum(tokens, scores, gate_index, order: TokenOrder, expert_out):
     """out[n] = sum over pairs (e, n) of scores[n, e] * expert_out[pair]: the gate-weighted combine,
-    accumulated in the scores' (routing) dtype and returned in the tokens' dtype. `gate_index`: each pair's
-    position in the flattened scores.
+    accumulated in the scores' (routing) dtype, at least fp32, without atomics (pair_rows.py), and returned
+    in the tokens' dtype. `gate_index`: each pair's position in the flattened scores.
 
-    Gathers use index_select rather than advanced indexing, here and in the dispatches: its backward
-    is a deterministic index_add, while advanced indexing's backward adds with atomics on CPU threads
-    (gradients would vary run to run)."""
-    gates = scores.flatten().index_select(0, gate_index).unsqueeze(1)
-    total = torch.zeros(tokens.shape, dtype=scores.dtype, device=tokens.device)
-    return total.index_add_(0, pair_token, gates * expert_out.to(scores.dtype)).to(tokens.dtype)
+    Gathers use index_select (or pair_rows) rather than advanced indexing, here and in the dispatches: their
+    backward is deterministic, while advanced indexing's backward adds with atomics on CPU threads (gradients
+    would vary run to run)."""
+    wide = accumulation_dtype(scores.dtype)
+    gates = scores.flatten().index_select(0, gate_index).unsqueeze(1).to(wide)
+    return sum_by_token(gates * expert_out.to(wide), order).to(tokens.dtype)
 
 
 class LocalPlan(NamedTuple):
-    token: torch.Tensor  # pool row of each pair, sorted by expert
+    order: TokenOrder  # the pairs' tokens (pool rows, sorted by expert) and their token-order sort
     gate_index: torch.Tensor  # each pair's position in the flattened [N, E] scores
     counts: list[int]
 
@@ -172,12 +195,12 @@ class LocalDispatch:
 
     def plan(self, routing: Routing, scores, experts: Experts) -> LocalPlan:
         gate_index = routing.pair_token * scores.shape[1] + routing.pair_expert
-        return LocalPlan(routing.pair_token, gate_index, routing.counts)
+        return LocalPlan(token_order(routing.pair_token, len(scores)), gate_index, routing.counts)
 
     def combine(self, tokens, scores, plan: LocalPlan, experts: Experts):
         """sum over pairs of scores[token, expert] * expert(token), per token: [N, D]."""
-        expert_out = experts.forward_sorted(tokens.index_select(0, plan.token), plan.counts)
-        return weighted_sum(tokens, scores, plan.gate_index, plan.token, expert_out)
+        expert_out = experts.forward_sorted(gather_pairs(tokens, plan.order), plan.counts)
+        return weighted_sum(tokens, scores, plan.gate_index, plan.order, expert_out)
 
 
 class RoutedFFN(nn.Module):

@@ -24,7 +24,9 @@ def deepspeed_config(config: Config, dp_size: int) -> dict:
         "gradient_clipping": config.optim.grad_clip if clips_in_engine(config) else 0.0,
         # DeepSpeed's MoE support in ZeRO 1/2 requires contiguous gradients and reduce-scatter.
         "zero_optimization": {"stage": config.parallel.zero_stage, "contiguous_gradients": True,
-                              "reduce_scatter": True},
+                              "reduce_scatter": True, "overlap_comm": config.parallel.overlap_comm,
+                              "reduce_bucket_size": config.parallel.reduce_bucket_size,
+                              "allgather_bucket_size": config.parallel.allgather_bucket_size},
         **deepspeed_precision(config.train.precision),
         "steps_per_print": 2**62,  # progress is ours to print
         "wall_clock_breakdown": False,
@@ -80,12 +82,13 @@ def grad_square_sums(model: torch.nn.Module, groups: ParallelGroups) -> dict[str
 
 
 @torch.no_grad()
-def clip_grad_norm_(model: torch.nn.Module, max_norm: float, groups: ParallelGroups) -> float:
-    """Scale the gradients to norm at most max_norm (0: no clipping) as torch does; returns the norm before."""
+def clip_grad_norm_(model: torch.nn.Module, max_norm: float, groups: ParallelGroups) -> torch.Tensor:
+    """Scale the gradients to norm at most max_norm (0: no clipping) as torch does; returns the norm before
+    (on the device: the caller reads it with whatever else it needs on the host)."""
     norm = sum(grad_square_sums(model, groups).values()).sqrt()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for param in model.parameters():
             if param.grad is not None:
                 param.grad.mul_(scale)
-    return norm.item()
+    return norm

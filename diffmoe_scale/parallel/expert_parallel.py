@@ -13,6 +13,7 @@ partitioned by ZeRO within it, saved one file per expert) by wrapping each MoE F
 `deepspeed.moe.layer.MoE` subclass that carries our layer instead of DeepSpeed's gate and experts.
 """
 import re
+import time
 from typing import NamedTuple
 
 import torch
@@ -21,6 +22,7 @@ from deepspeed.moe.layer import MoE
 
 from ..models import RoutedFFN
 from ..models.experts import Routing, weighted_sum
+from ..models.pair_rows import TokenOrder, gather_pairs, token_order
 from ..models.diffmoe import DiffMoELayer
 from .collectives import all_gather, average_over_ranks
 from .groups import ParallelGroups
@@ -39,13 +41,26 @@ class _AllToAll(torch.autograd.Function):
 
 
 class ExpertParallelPlan(NamedTuple):
-    send_token: torch.Tensor  # this rank's token of each pair it sends, in expert order (so grouped by rank)
+    send: TokenOrder  # this rank's token of each pair it sends, in expert order (so grouped by rank)
     gate_index: torch.Tensor  # those pairs' positions in this rank's flattened [N_local, E] scores
     send_splits: list[int]  # rows sent to each rank
     recv_splits: list[int]  # rows received from each rank
     arrival_order: torch.Tensor  # received row i is served pair arrival_order[i] (served pairs in expert order)
     expert_order: torch.Tensor  # the inverse: served pair j is received row expert_order[j]
     counts: list[int]  # tokens of each local expert
+
+
+def _runs(index: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+    """index[start:start + length] for each (start, length), concatenated: slices at host offsets, no sync."""
+    return torch.cat([index[start:start + length] for start, length in runs])
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    starts, total = [], 0
+    for size in sizes:
+        starts.append(total)
+        total += size
+    return starts
 
 
 class ExpertParallelDispatch:
@@ -55,40 +70,61 @@ class ExpertParallelDispatch:
     def __init__(self, group, size: int, rank: int):
         self.group, self.size, self.rank = group, size, rank
         self.rows_sent = [0] * size  # token rows this rank sent to each rank: forward, recomputed forward, backward
+        self.timed = False  # time the all-to-alls (each then waits for the device): train/timing.py sets it
+        self.exchange_seconds = 0.0
 
     def gather(self, tensor):
         return torch.cat(all_gather(tensor, self.group))
 
     def plan(self, routing: Routing, scores, experts) -> ExpertParallelPlan:
-        """Who sends which rows where, derived from the routing every rank shares (no count exchange)."""
-        local_tokens, local_experts = len(scores), experts.num_experts
-        owner = routing.pair_token // local_tokens  # rank holding the token
-        holder = routing.pair_expert // local_experts  # rank holding the expert
-        mine = owner == self.rank
-        send_token = routing.pair_token[mine] - self.rank * local_tokens
-        send_expert = routing.pair_expert[mine]
-        arriving_owner = owner[holder == self.rank]  # the pairs this rank's experts serve arrive grouped by owner
-        splits = torch.stack([torch.bincount(holder[mine], minlength=self.size),
-                              torch.bincount(arriving_owner, minlength=self.size)]).tolist()  # the one host sync
-        arrival_order = torch.argsort(arriving_owner, stable=True)
-        expert_order = torch.empty_like(arrival_order).scatter_(
-            0, arrival_order, torch.arange(len(arrival_order), device=arrival_order.device))
-        first = experts.first_expert
-        return ExpertParallelPlan(send_token, send_token * scores.shape[1] + send_expert, splits[0], splits[1],
-                                  arrival_order, expert_order, routing.counts[first : first + local_experts])
+        """Who sends which rows where, derived on the host from the routing every rank shares: the pairs are
+        sorted by expert, then token, so expert e's pairs from rank r are one run of `owner_counts[r][e]`
+        pairs; every index is a concatenation of such runs (no count exchange, no host sync)."""
+        counts, me = routing.owner_counts, self.rank  # counts[owner rank][expert]
+        local_tokens, local_experts, num_experts = len(scores), experts.num_experts, len(counts[0])
+        mine = range(experts.first_expert, experts.first_expert + local_experts)
+        expert_start = _offsets(routing.counts)
+        run_start, start = [], expert_start  # run_start[owner][e]: where expert e's pairs from `owner` begin
+        for owner in range(self.size):
+            run_start.append(start)
+            start = [a + b for a, b in zip(start, counts[owner])]
+        sent_runs = [(run_start[me][e], counts[me][e]) for e in range(num_experts)]
+        send_token = _runs(routing.pair_token, sent_runs) - me * local_tokens
+        send_expert = _runs(routing.pair_expert, sent_runs)
+        send_splits = [sum(counts[me][e] for e in range(j * local_experts, (j + 1) * local_experts))
+                       for j in range(self.size)]
+        recv_splits = [sum(counts[owner][e] for e in mine) for owner in range(self.size)]
+        # Rows arrive by owner, then expert (each sender's order); the experts serve them by expert, then owner.
+        recv_start = _offsets(recv_splits)
+        arrived = {(owner, e): recv_start[owner] + sum(counts[owner][f] for f in mine if f < e)
+                   for owner in range(self.size) for e in mine}
+        served = {(owner, e): expert_start[e] - expert_start[mine[0]] + run_start[owner][e] - run_start[0][e]
+                  for owner in range(self.size) for e in mine}
+        index = torch.arange(sum(recv_splits), device=scores.device)
+        expert_order = _runs(index, [(arrived[owner, e], counts[owner][e]) for e in mine for owner in range(self.size)])
+        arrival_order = _runs(index, [(served[owner, e], counts[owner][e]) for owner in range(self.size) for e in mine])
+        return ExpertParallelPlan(token_order(send_token, local_tokens), send_token * scores.shape[1] + send_expert,
+                                  send_splits, recv_splits, arrival_order, expert_order, routing.counts[mine[0]:mine[-1] + 1])
 
     def combine(self, tokens, scores, plan: ExpertParallelPlan, experts):
-        sent = tokens.index_select(0, plan.send_token)
+        sent = gather_pairs(tokens, plan.send)
         received = _AllToAll.apply(sent, plan.recv_splits, plan.send_splits, self)
         expert_out = experts.forward_sorted(received.index_select(0, plan.expert_order), plan.counts)
         returning = expert_out.index_select(0, plan.arrival_order)
         returned = _AllToAll.apply(returning, plan.send_splits, plan.recv_splits, self)
-        return weighted_sum(tokens, scores, plan.gate_index, plan.send_token, returned)
+        return weighted_sum(tokens, scores, plan.gate_index, plan.send, returned)
 
     def exchange(self, x, output_splits: list[int], input_splits: list[int]):
         """`all_to_all_single` with uneven splits (rows sent to rank j: input_splits[j]), counted."""
         out = x.new_empty((sum(output_splits), *x.shape[1:]))
+        if self.timed and x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        start = time.perf_counter()
         dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=self.group)
+        if self.timed:
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            self.exchange_seconds += time.perf_counter() - start
         for peer, rows in enumerate(input_splits):
             self.rows_sent[peer] += rows
         return out

@@ -22,7 +22,9 @@ def rank_batch(config: Config, dataset, objective, sampler: ShuffledBatchSampler
     drop = torch.rand(shape[0], generator=generator, device=device) < config.model.class_dropout
     own = slice(dp_rank * len(indices), (dp_rank + 1) * len(indices))
     draws = {"noise": noise[own], "t": t[own], "drop": drop[own]}
-    return images.to(device), labels.to(device), draws
+    if torch.device(device).type == "cuda":  # a blocking copy from pageable memory would wait for the last step
+        images, labels = images.pin_memory(), labels.pin_memory()
+    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True), draws
 
 
 def dropped_labels(labels: torch.Tensor, drop: torch.Tensor, num_classes: int) -> torch.Tensor:

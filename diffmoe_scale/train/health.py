@@ -40,10 +40,14 @@ class StepHealth:
         healthy; without ZeRO in fp32, clip or drop the gradients accordingly."""
         flag = nonfinite_count.float().reshape(1)
         if self.own_norm:
-            self._grad_norm = clip_grad_norm_(self.model, self.config.optim.grad_clip, self.groups)
+            norm = clip_grad_norm_(self.model, self.config.optim.grad_clip, self.groups)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self._losses_finite = flag.item() == 0
+        # The step's one host read: whether to skip must be known before the optimizer runs.
+        values = torch.cat([flag, norm.reshape(1).float()]).tolist() if self.own_norm else flag.tolist()
+        self._losses_finite = values[0] == 0
+        if self.own_norm:
+            self._grad_norm = values[1]
         if self.own_norm and not self.healthy(self._grad_norm):
             self.model.zero_grad(set_to_none=True)  # AdamW then leaves every parameter and its state alone
 

@@ -11,6 +11,14 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def efficiency(record: dict) -> str:
+    """" | 1.23 TFLOP/s/dev, MFU 41.0%" (MFU where the device's peak is known)."""
+    if "tflops_per_device" not in record:
+        return ""
+    mfu = f", MFU {record['mfu']:.1%}" if record.get("mfu") is not None else ""
+    return f" | {record['tflops_per_device']:.3g} TFLOP/s/dev{mfu}"
+
+
 def cut_metrics_after(path: Path, step: int, block: int = 1 << 16) -> tuple[int, int]:
     """Drop the lines after the last record of a step <= `step` (written by a run that died before its
     next checkpoint), so a resumed run's file reads as one straight run. Returns (records dropped,
@@ -91,7 +99,8 @@ class MetricsLog:
         extras = "".join(f" | {k} {record[k]:.4f}" for k in ("predictor_loss", "balance_loss", "vb_loss") if k in record)
         print(
             f"step {step}/{self.max_steps} | loss {record['loss']:.4f}{extras} | c_avg {record['c_avg']:.2f}"
-            f" | {record['images_per_s']:.0f} img/s | elapsed {format_duration(elapsed)} | eta {format_duration(eta)}",
+            f" | {record['images_per_s']:.0f} img/s{efficiency(record)} | elapsed {format_duration(elapsed)}"
+            f" | eta {format_duration(eta)}",
             flush=True,
         )
 

@@ -25,6 +25,7 @@ from .checkpoint import (SHARDED, atomic_torch_save, atomic_write_text, capture_
                          is_checkpoint, layout_mismatch, prune, publish, rank_state_name, read_consolidated,
                          restore_rng, set_aside, tag_for, verify)
 from .disk_space import ensure_room, reporting_write_errors
+from .efficiency import Efficiency, training_flops_per_image
 from .ema import ShardedEMA
 from .ema_thresholds import buffers_to_fill
 from .faults import inject as inject_fault
@@ -35,6 +36,7 @@ from .periodic_samples import SampleGrids
 from .resume_policy import ResumeRule, describe_pool
 from .run_identity import resumed_identity
 from .stop import StopRequest
+from .timing import StepTimer
 from .watchdog import StallWatchdog
 from .wandb_run import WandbRun
 
@@ -114,6 +116,9 @@ class Trainer:
         self.rows_sent_logged = 0  # all-to-all rows sent to other ranks up to the last metrics record
         self.capacity_by_condition = CapacityByCondition(config.model.num_classes, runtime.device)
         self.tokens_per_image = (config.model.input_size // config.model.patch_size) ** 2
+        self.timer = StepTimer(self.model, runtime.device)  # phases of logging steps (train/timing.py)
+        flops_per_image = training_flops_per_image(self.model, config, groups.dp_size, self.dtype, runtime.device)
+        self.efficiency = Efficiency(config, flops_per_image, groups.world_size, runtime.device)
 
     def prepare_run_dir(self) -> None:
         if not self.runtime.is_main:
@@ -145,18 +150,22 @@ class Trainer:
     def forward_backward(self, images, labels, draws: dict) -> dict[str, torch.Tensor]:
         """One micro-batch forward and backward; returns its (unweighted) losses."""
         conditioning = dropped_labels(labels, draws["drop"], self.config.model.num_classes)
-        losses = self.objective.training_losses(self.forward_model, images, conditioning, draws["noise"], draws["t"])
-        self.capacity_by_condition.add(self.model, self.objective.noise_level(draws["t"]), labels)
-        total = sum(self.weights.get(name, 1.0) * value for name, value in losses.items())
-        self.engine.backward(total)
+        with self.timer.phase("forward"):
+            losses = self.objective.training_losses(self.forward_model, images, conditioning, draws["noise"], draws["t"])
+            self.capacity_by_condition.add(self.model, self.objective.noise_level(draws["t"]), labels)
+            total = sum(self.weights.get(name, 1.0) * value for name, value in losses.items())
+        with self.timer.phase("backward"):
+            self.engine.backward(total)
         return losses
 
     def train_step(self) -> tuple[dict[str, torch.Tensor], float]:
         """One optimizer step over this rank's rows of the global batch, in micro-batches.
 
         Returns this rank's losses (mean over its micro-batches) and the gradient norm before clipping."""
-        accum, health = self.config.train.grad_accum_steps, self.health
-        images, labels, draws = self.next_rank_batch()
+        accum, health, every = self.config.train.grad_accum_steps, self.health, self.config.logging.every_steps
+        self.timer.start_step((self.step + 1) % every == 0 or self.step + 1 == self.config.train.max_steps)
+        with self.timer.phase("data"):
+            images, labels, draws = self.next_rank_batch()
         micro = len(images) // accum
         losses, quantiles, nonfinite = {}, 0, 0
         for i in range(accum):
@@ -166,15 +175,17 @@ class Trainer:
                 losses[name] = losses.get(name, 0) + value.detach() / accum
             nonfinite = nonfinite + nonfinite_losses(micro_losses)
             quantiles = quantiles + take_pending_quantiles(self.model)
-            if i == accum - 1:
-                health.decide(nonfinite)
-            self.engine.step()  # DeepSpeed steps the optimizer after the last micro-batch only
+            with self.timer.phase("optimizer"):
+                if i == accum - 1:
+                    health.decide(nonfinite)
+                self.engine.step()  # DeepSpeed steps the optimizer after the last micro-batch only
         applied, grad_norm = health.outcome()
         self.step += 1
         if applied:
-            self.scheduler.step()
-            apply_threshold_quantiles(self.model, quantiles / accum)
-            self.ema.update(self.model)
+            with self.timer.phase("optimizer"):
+                self.scheduler.step()
+                apply_threshold_quantiles(self.model, quantiles / accum)
+                self.ema.update(self.model)
         elif self.runtime.is_main:
             print(f"step {self.step}: NaN/Inf loss or gradients (loss {losses['diffusion'].item():.4g} on rank 0), "
                   f"step skipped ({health.in_a_row} in a row, {health.skipped_steps} in all)", flush=True)
@@ -375,6 +386,8 @@ class Trainer:
             "tokens_per_s": images_per_s * self.tokens_per_image,
             "peak_memory_mb": peak_memory_mb(self.runtime.device),
             "all_to_all_mb": a2a_bytes / window_steps / 2**20,  # this rank to the others per step, all passes
+            **self.efficiency.record(step_time),
+            "phase_s": self.timer.take(),  # of the logging step (the one step timed by phases)
             "skipped_steps": self.health.skipped_steps,
             **self.capacity_by_condition.take(),
         }
