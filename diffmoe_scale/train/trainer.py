@@ -158,12 +158,16 @@ class Trainer:
             self.engine.backward(total)
         return losses
 
+    def logs_at(self, step: int) -> bool:
+        """Whether `step` is a logging step (its metrics are read and written, its phases timed)."""
+        return step % self.config.logging.every_steps == 0 or step == self.config.train.max_steps
+
     def train_step(self) -> tuple[dict[str, torch.Tensor], float]:
         """One optimizer step over this rank's rows of the global batch, in micro-batches.
 
         Returns this rank's losses (mean over its micro-batches) and the gradient norm before clipping."""
-        accum, health, every = self.config.train.grad_accum_steps, self.health, self.config.logging.every_steps
-        self.timer.start_step((self.step + 1) % every == 0 or self.step + 1 == self.config.train.max_steps)
+        accum, health = self.config.train.grad_accum_steps, self.health
+        self.timer.start_step(self.logs_at(self.step + 1))
         with self.timer.phase("data"):
             images, labels, draws = self.next_rank_batch()
         micro = len(images) // accum
@@ -238,7 +242,7 @@ class Trainer:
                               flush=True)
                     return EXIT_UNHEALTHY
                 window_steps += 1
-                if self.step % config.logging.every_steps == 0 or self.step == config.train.max_steps:
+                if self.logs_at(self.step):
                     elapsed = time.perf_counter() - window_start
                     step_time = elapsed / window_steps
                     log.log(self.metrics_record(mean_over_ranks(losses), grad_norm, window_steps, step_time))
