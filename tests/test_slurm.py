@@ -145,7 +145,6 @@ def test_evaluation_recipe_samples_over_two_nodes_requeues_when_stopped_and_scor
         DIFFMOE_FAULT="sigusr1@pool:1", DIFFMOE_FAULT_RANK="1",  # a stop notice after pool 1, in the first start only
         LOG_DIR=str(log_dir), PYTHON=sys.executable, OMP_NUM_THREADS="1"), recipe="slurm/evaluate.sbatch")
     cluster.wait_for(job, lambda state: state.restarts >= 1, timeout=300)
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # no 2-minute wait before the restart
     final = cluster.wait_for(job, lambda state: state.finished, timeout=300)
     output = (log_dir / f"diffmoe-evaluate-{job}.out").read_text()
     assert final.state == "COMPLETED" and final.restarts == 1, output
