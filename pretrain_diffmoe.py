@@ -76,7 +76,7 @@ def main(argv=None) -> int:
             trainer = Trainer(config, runtime, stop)
             code = trainer.train(args.resume, tuple(args.allow_change))
     except ConfigError as err:  # raised by parts that check the config against what this build has
-        report_error(f"config error: {err}")
+        report_error(f"config error: {err}", ranks_leave_together=True)
         code = 2
     except RunLockError as err:  # raised on every rank
         if runtime.is_main:
