@@ -30,5 +30,8 @@ echo "bootstrap: installing requirements.txt and this project into .venv (a few 
 # The project itself, editable: its dependencies are the requirements above (--no-deps), and an isolated
 # build would fetch its own setuptools for nothing.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+# DeepSpeed builds its CPU comm op on first use (about 50 s on 2 cores; nothing on a GPU machine): build it
+# now, with this environment's ninja (the one runs will use), so that no first run or test waits for it.
+PATH="$PWD/.venv/bin:$PATH" .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
 echo "$wanted" > "$stamp"
 echo "bootstrap: .venv ready"

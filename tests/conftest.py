@@ -1,5 +1,6 @@
 """Fixtures several test files share: a tiny ImageFolder, a tiny randomly initialised VAE, and a
 short digits run with its EMA weights exported."""
+import os
 import subprocess
 import sys
 import tempfile
@@ -8,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 from PIL import Image
 
 from tests.helpers import CLASSES, SIZES, clean_env
@@ -28,6 +30,16 @@ def pytest_configure(config):
         raise pytest.UsageError(f"the scripts would import diffmoe_scale from {Path(found.stdout.strip()).parent}, "
                                 f"not from this checkout ({REPO}): give it its own .venv (`bash launch/bootstrap.sh`) "
                                 "or put it first on PYTHONPATH")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one core per worker, for its own torch and the ranks it starts
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with slow tests first, so that the two workers (pyproject.toml) end about together: a long file
+    handed out last would leave the other worker idle."""
+    has_slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in has_slow)
 
 
 @pytest.fixture(scope="session")
@@ -64,11 +76,21 @@ def run_python(*args: str) -> None:
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> Path:
-    """A short digits run, its final checkpoint consolidated and its EMA exported to ema.safetensors."""
-    out = tmp_path_factory.mktemp("run")
+    """A short digits run, its final checkpoint consolidated and its EMA exported to ema.safetensors; made once
+    for all workers (the first to need it makes it while the others wait)."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the workers' common temporary directory, this session's
+    out = shared / "trained_run"
+    with FileLock(str(shared / "trained_run.lock")):
+        if not (out / "ema.safetensors").is_file():
+            make_trained_run(out)
+    return out
+
+
+def make_trained_run(out: Path) -> None:
     run_python("pretrain_diffmoe.py", "--config", "configs/digits_diffmoe_e4_flow.yaml",
                "--set", "train.max_steps=30", "--set", "train.global_batch_size=32", "--set", f"train.out_dir={out}",
                "--set", "sample.steps=2", "--set", "sample.per_class=1")
     run_python("launch/checkpoint.py", "export-ema", str(out / "checkpoints" / "step_00000030"),
                "--out", str(out / "ema.safetensors"))
-    return out

@@ -16,8 +16,8 @@ from tests.helpers import clean_env, read_metrics
 from tests.slurm_cluster import LocalSlurmCluster
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 60
-OVERRIDES = [f"train.max_steps={STEPS}", "train.global_batch_size=64", "logging.every_steps=1",
+STEPS = 30
+OVERRIDES = [f"train.max_steps={STEPS}", "train.global_batch_size=32", "logging.every_steps=1",
              "checkpoint.every_steps=20", "parallel.ep=2", "sample.steps=2", "sample.per_class=1"]
 DETERMINED = ("loss", "predictor_loss", "grad_norm", "lr", "c_avg", "capacity")
 
@@ -96,7 +96,7 @@ def test_l_e8_recipe_is_preempted_requeues_resumes_and_matches_a_straight_run(cl
         OVERRIDES=" ".join(OVERRIDES), PYTHON=sys.executable, OMP_NUM_THREADS="1"))
     log = log_dir / f"diffmoe-l-e8-flow-{job}.out"
     deadline = time.time() + 300
-    while last_step(run_dir) < 15:
+    while last_step(run_dir) < 6:
         assert not cluster.job_state(job).finished, log.read_text()
         assert time.time() < deadline, f"no progress:\n{log.read_text() if log.exists() else ''}"
         time.sleep(0.2)
@@ -107,7 +107,7 @@ def test_l_e8_recipe_is_preempted_requeues_resumes_and_matches_a_straight_run(cl
     assert final.state == "COMPLETED" and final.restarts == 1, f"{final}\n{output}"
 
     stopped = int(re.search(r"stopped at step (\d+)", output).group(1))
-    assert 15 <= stopped < STEPS
+    assert 6 <= stopped < STEPS
     for expected in (f"== job {job} (diffmoe-l-e8-flow) start 1 on n[1-2], 2 tasks, rendezvous 127.0.0.1:",
                      f"== saved after a stop signal: requeueing job {job}",
                      f"== job {job} (diffmoe-l-e8-flow) start 2 on n[1-2]",
