@@ -25,6 +25,7 @@ def run_benchmark(script: str, *args: str) -> tuple[list[dict], list[str]]:
     return records, [line for line in lines[len(records):] if line.strip()]
 
 
+@pytest.mark.slow
 def test_dispatch_bytes_are_the_analytical_minimum():
     width, experts, pool = 64, 4, 256
     records, table = run_benchmark("dispatch_bytes.py", "--widths", str(width), "--experts", str(experts),
@@ -43,6 +44,7 @@ def test_dispatch_bytes_are_the_analytical_minimum():
     assert "ours/min" in table[0] and len(table) == 1 + len(records)
 
 
+@pytest.mark.slow
 def test_step_benchmark_reports_consistent_layouts_and_ratios():
     records, table = run_benchmark("step.py", "--configs", "digits", "--layouts", "single,ep2",
                                    "--checkpointing", "off", "--repeats", "1", "--steps", "1")
@@ -87,6 +89,7 @@ def test_moe_layer_baselines_compute_our_layer_with_our_weights():
         torch.testing.assert_close(moe_layer.ExpertFFN(layer, e).double()(tokens), layer.experts.expert(e, tokens))
 
 
+@pytest.mark.slow
 def test_moe_layer_benchmark_reports_every_baseline_consistently():
     records, table = run_benchmark("moe_layer.py", "--sizes", "S", "--tokens", "512", "--experts", "4",
                                    "--repeats", "1")
