@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +37,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Files with slow tests first, so that the two workers (pyproject.toml) end about together: a long file
-    handed out last would leave the other worker idle."""
-    has_slow = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in has_slow)
+    """Files with more slow tests first, so that the two workers (pyproject.toml) end about together: a long
+    file handed out last would leave the other worker idle."""
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])
 
 
 @pytest.fixture(scope="session")

@@ -174,7 +174,7 @@ def losses_of(runtime, tmp_path, config_file: str, precision: str) -> list[float
 
     out = tmp_path / precision
     config = load_config(REPO / config_file, [
-        "train.max_steps=30", "logging.every_steps=1", "train.global_batch_size=32", f"train.out_dir={out}",
+        "train.max_steps=20", "logging.every_steps=1", "train.global_batch_size=32", f"train.out_dir={out}",
         f"train.precision={precision}", "parallel.zero_stage=1", "checkpoint.every_steps=0", "sample.steps=1",
         "sample.per_class=1"])
     assert Trainer(config, runtime).train() == 0
@@ -184,20 +184,18 @@ def losses_of(runtime, tmp_path, config_file: str, precision: str) -> list[float
 @pytest.mark.slow
 @pytest.mark.parametrize("config_file", ["configs/digits_diffmoe_e4_flow.yaml", "configs/digits_diffmoe_e4_ddpm.yaml"],
                          ids=["flow", "ddpm"])
-def test_bf16_training_follows_fp32_over_thirty_steps(runtime, tmp_path, config_file):
-    """The same 30 steps (same data, draws and initial weights) in fp32 and in bf16. The bound: bf16 keeps 8
-    significant bits, so each matmul's output is off by ~0.4% relative; over 30 steps of lr <= 3e-4 (warmup)
+def test_bf16_training_follows_fp32_over_twenty_steps(runtime, tmp_path, config_file):
+    """The same 20 steps (same data, draws and initial weights) in fp32 and in bf16. The bound: bf16 keeps 8
+    significant bits, so each matmul's output is off by ~0.4% relative; over 20 steps of lr <= 2e-4 (warmup)
     the weights drift apart by about that much times the steps' updates, which moves a loss of ~1 by a few
     percent at most. Per step: within 5% (the loss itself differs step to step by 10-30% here); over the
-    last 10 steps on average within 2%; and bf16 learns as fp32 does (fp32 here: the last 10 steps' mean
-    0.92x the first 10's with flow, 0.85x with DDPM)."""
+    last 10 steps on average within 2%. (That training learns: tests/test_train.py.)"""
     fp32 = losses_of(runtime, tmp_path, config_file, "fp32")
     bf16 = losses_of(runtime, tmp_path, config_file, "bf16")
-    assert len(fp32) == len(bf16) == 30
+    assert len(fp32) == len(bf16) == 20
     worst = max(abs(b - f) / f for b, f in zip(bf16, fp32))
     assert worst < 0.05, f"largest per-step difference {worst:.2%}"
     assert sum(bf16[-10:]) / 10 == pytest.approx(sum(fp32[-10:]) / 10, rel=0.02)
-    assert sum(bf16[-10:]) < 0.95 * sum(bf16[:10])
 
 
 def test_the_gpus_segment_sum_adds_as_the_cpus_index_add_and_gradients_flow_back_as_gathers():

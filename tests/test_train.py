@@ -60,7 +60,7 @@ def run_cli(*args):
 def test_readme_default_command_writes_metrics_config_and_samples(tmp_path):
     result = run_cli("--config", "configs/digits_diffmoe_e4_flow.yaml", "--set", "train.max_steps=20",
                      "--set", "logging.every_steps=10", "--set", f"train.out_dir={tmp_path}",
-                     "--set", "train.peak_tflops=0.5")
+                     "--set", "train.peak_tflops=0.5", "--set", "sample.steps=4")  # the grid as 50 steps draw it
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "step 20/20" in result.stdout and "TFLOP/s/dev, MFU " in result.stdout
 
