@@ -1,12 +1,13 @@
 """Compiled blocks (train.compile): one graph per block in a training step, the eager results, and sampling.
 
-In process, on a tiny DiT. The compiler here is torch.compile's "aot_eager" backend: dynamo's capture,
-AOT autograd and the partitioner's recomputation under activation checkpointing, without inductor's code
+In process, on a tiny DiT. The compiler here is dynamo's capture, AOT autograd and inductor's partitioner
+(which decides what the backward recomputes under activation checkpointing), without inductor's code
 generation (a minute per block on 2 CPU cores); the one inductor test is marked slow.
 """
 import pytest
 import torch
-from torch._dynamo.backends.registry import lookup_backend
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from diffmoe_scale.config import load_config
 from diffmoe_scale.diffusion import build_objective
@@ -19,24 +20,34 @@ TINY = ["model.depth=2", "model.hidden_size=32", "model.num_heads=2", "moe.num_e
         "train.global_batch_size=8"]  # block 0 dense, block 1 DiffMoE: 8 x 16 tokens, 32 per expert
 
 
-class AotEager:
-    """torch.compile's aot_eager backend, keeping the graphs dynamo hands it."""
+class Graphs:
+    """A torch.compile backend: AOT autograd with inductor's partitioner (min-cut recomputation), running the
+    forward and backward graphs as traced (no code generation) and keeping them."""
 
     def __init__(self):
-        self.graphs = []
+        self.forward, self.backward = [], []
+        self.backend = aot_autograd(fw_compiler=self._keep(self.forward), bw_compiler=self._keep(self.backward),
+                                    partition_fn=min_cut_rematerialization_partition)
 
-    def __call__(self, graph, example_inputs):
-        self.graphs.append(graph)
-        return lookup_backend("aot_eager")(graph, example_inputs)
+    @staticmethod
+    def _keep(graphs):
+        def compiler(graph, example_inputs):
+            graphs.append(graph)
+            return graph.forward
+        return compiler
 
 
 @pytest.fixture
-def aot_eager(monkeypatch):
+def graphs(monkeypatch):
     torch._dynamo.reset()
-    backend = AotEager()
-    monkeypatch.setattr(compile_module, "OPTIONS", {"backend": backend, "fullgraph": True})
-    yield compile_module.OPTIONS
+    kept = Graphs()
+    monkeypatch.setattr(compile_module, "OPTIONS", {"backend": kept.backend, "fullgraph": True})
+    yield kept
     torch._dynamo.reset()
+
+
+def ops(graph) -> set[str]:
+    return {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
 
 
 def tiny_model(compiled: bool, checkpointing: bool = True, overrides=()):
@@ -70,20 +81,30 @@ def training_step(config, model):
             layer.capacity_per_expert())
 
 
-def test_a_training_step_compiles_each_block_into_one_graph_and_inference_keeps_routing_eager(aot_eager):
+def test_a_training_step_compiles_each_block_into_one_graph_and_inference_keeps_routing_eager(graphs):
     config, model = tiny_model(compiled=True)
     training_step(config, model)  # fullgraph=True: a graph break inside a block would raise
-    assert len(aot_eager["backend"].graphs) == 2  # the dense block's and the MoE block's
+    assert len(graphs.forward) == len(graphs.backward) == 2  # the dense block's and the MoE block's
     x, t, y, _ = batch()
     with torch.no_grad(), pytest.raises(torch._dynamo.exc.Unsupported):
         model.eval()(x, t, y)  # the threshold routing's data-dependent counts break the MoE block (by design)
 
 
-def test_compiled_step_with_checkpointing_equals_eager(aot_eager):
+def test_checkpointed_backward_recomputes_the_block_but_not_its_routing(graphs):
+    training_step(*tiny_model(compiled=True))
+    routing = {"aten.topk.default", "aten.sort.default", "aten.sort.stable"}
+    forward_ops, backward_ops = set().union(*map(ops, graphs.forward)), set().union(*map(ops, graphs.backward))
+    assert routing & forward_ops
+    assert "aten.baddbmm.default" in backward_ops  # the experts' first matmul, recomputed
+    assert not routing & backward_ops
+
+
+def test_compiled_step_with_checkpointing_equals_eager(graphs):
     """Same losses and gradients (fp32), the routing kept by the recomputation, side effects once."""
     config, eager = tiny_model(compiled=False)
     ours = training_step(*tiny_model(compiled=True))
     ref = training_step(config, eager)
+    assert graphs.backward
     for name in ref[0]:
         torch.testing.assert_close(ours[0][name], ref[0][name], rtol=1e-6, atol=0)
     for name in ref[1]:
@@ -92,9 +113,9 @@ def test_compiled_step_with_checkpointing_equals_eager(aot_eager):
     torch.testing.assert_close(ours[3], ref[3], rtol=0, atol=0)
 
 
-def test_compiled_sampling_equals_eager(aot_eager):
+def test_compiled_sampling_equals_eager(graphs, monkeypatch):
     """Inference: threshold routing (eager inside the compiled blocks) with classifier-free guidance's pools."""
-    aot_eager["fullgraph"] = False  # the MoE FFN's eager routing is a graph break by design
+    monkeypatch.setitem(compile_module.OPTIONS, "fullgraph", False)  # the MoE FFN's eager routing breaks its block
     outputs = []
     for compiled in (False, True):
         config, model = tiny_model(compiled=compiled, checkpointing=False)
@@ -104,6 +125,7 @@ def test_compiled_sampling_equals_eager(aot_eager):
         noise, y = batch()[3], batch()[2]
         with torch.no_grad():
             outputs.append(build_objective(config).sample(model, noise, y, steps=3, sampler="euler", cfg_scale=2.0))
+    assert graphs.forward
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
 
 
