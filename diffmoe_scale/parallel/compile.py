@@ -38,4 +38,15 @@ def compile_blocks(model) -> None:
     for layer in model.moe_layers():
         _eager_unless_static(layer)
     for block in model.blocks:
-        block.compile(**OPTIONS)
+        _compile_forward(block)
+
+
+def _compile_forward(block) -> None:
+    compiled = torch.compile(block.forward, **OPTIONS)
+
+    def forward(x, c):
+        # Inductor (torch 2.13, CPU) returned wrong input gradients for a block given a transposed input (the
+        # first block's: the patch embedding's transpose), its forward right; a contiguous copy avoids it.
+        return compiled(x.contiguous(), c.contiguous())
+
+    block.forward = forward
