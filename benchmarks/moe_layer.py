@@ -5,6 +5,7 @@
   python benchmarks/moe_layer.py --sizes B --tokens 16384 --experts 8
   python benchmarks/moe_layer.py --device cuda --dtype bf16
   python benchmarks/moe_layer.py --combine       # the combine alone: segment sum against index_add
+  python benchmarks/moe_layer.py --sizes S --tokens 8192 --baselines dense_predictor,compiled
 
 Baselines (the `name` of each result line):
   dense      the dense FFN of equal activated FLOPs (DiffMoE at capacity 1 sends each token through
@@ -16,6 +17,8 @@ Baselines (the `name` of each result line):
              tokens, so it does less work than dense)
   loop       a naive reference of our routing: per expert, gather its top-C tokens, run the expert,
              scatter back
+  compiled   our layer under torch.compile (inductor, one graph; what train.compile runs inside each
+             block): ours / compiled is what compiling gains. Not in the default list (it compiles each case)
 Our layer runs as in training: router, capacity predictor and its loss, top-C over the pool, batched
 experts. Every implementation gets the same input and upstream gradient; they run interleaved (ours, dense, deepspeed,
 loop, ours, ...) after a warm-up round, and each result is the median over the repeats of the
@@ -48,7 +51,8 @@ from diffmoe_scale.models import DiffMoELayer, FeedForward
 from diffmoe_scale.models.pair_rows import sum_by_token, token_order
 from diffmoe_scale.parallel.runtime import init_runtime, keep_freed_cpu_memory
 
-BASELINES = ("dense", "dense_predictor", "deepspeed", "loop")
+BASELINES = ("dense", "dense_predictor", "deepspeed", "loop", "compiled")
+DEFAULT_BASELINES = BASELINES[:4]
 DEFAULT_CASES = {"S": (2048, 8192, 16384), "B": (2048, 8192)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -115,6 +119,9 @@ def implementations(layer: DiffMoELayer, dense: FeedForward, baselines: list[str
 
     runs = {"ours": ours, "dense": lambda x: (dense(x)[0], None), "dense_predictor": dense_predictor,
             "loop": lambda x: (loop_reference(layer, x), None)}
+    if "compiled" in baselines:
+        torch._dynamo.reset()  # each case compiles its own graph (the cases' shapes differ)
+        runs["compiled"] = torch.compile(ours, fullgraph=True)
     modules = [layer, dense]
     if "deepspeed" in baselines:
         moe = deepspeed_moe(layer, layer.num_experts).to(layer.router.weight.device, layer.router.weight.dtype)
@@ -279,7 +286,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", help="comma-separated DiT sizes for the width (S, B, L, XL); default: see above")
     parser.add_argument("--tokens", help="comma-separated pool sizes (tokens per forward); default: see above")
     parser.add_argument("--experts", default="4,8,16")
-    parser.add_argument("--baselines", default=",".join(BASELINES),
+    parser.add_argument("--baselines", default=",".join(DEFAULT_BASELINES),
                         help="comma-separated subset of " + ", ".join(BASELINES))
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up round")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")

@@ -1,15 +1,17 @@
 #!/usr/bin/env python
 """Training step time, tokens/s and peak memory of the real trainer in several layouts, as ratios.
 
-  python benchmarks/step.py                                   # digits and S configs, all six layouts
-  python benchmarks/step.py --configs S --layouts ep2,dp2 --checkpointing off --repeats 10
+  python benchmarks/step.py                                   # digits and S configs, all twelve variants
+  python benchmarks/step.py --configs S --layouts ep2,dp2 --checkpointing off --compile off --repeats 10
+  python benchmarks/step.py --configs digits,S --layouts single --checkpointing off --compile off,on
 
 Configs (the same global batch in every layout):
   digits  configs/digits_diffmoe_e4_flow.yaml as it is: width 128, 6 blocks, E=4, batch 128 x 16 tokens
   S       DiT-S width and heads (384, 6) with E=8, scaled down for a CPU: 4 blocks (2 MoE), the digits
           data with patch 1 (64 tokens per image), batch 16: 1,024 tokens per step
 Layouts: single (1 process), ep2 (2 processes, EP=2: one pool, experts split), dp2 (2 processes,
-EP=1: each rank its own pool and all experts), each with activation checkpointing off and on (+ac).
+EP=1: each rank its own pool and all experts), each with activation checkpointing off and on (+ac), each
+eager and with compiled blocks (+compiled: train.compile, inductor; its compilation falls in the warm-up).
 
 Every layout is a worker process set (benchmarks/step_worker.py; torchrun for two ranks) that
 builds the Trainer once and times `train_step` (forward, backward, optimizer, EMA) on request. The
@@ -46,26 +48,33 @@ CONFIGS = {
 }
 LAYOUTS = {"single": (1, "parallel.ep=1"), "ep2": (2, "parallel.ep=2"), "dp2": (2, "parallel.ep=1")}
 CHECKPOINTING = {"off": "", "on": "+ac"}
+COMPILE = {"off": "", "on": "+compiled"}
 
 
-def variant_names(layouts: list[str], checkpointing: list[str]) -> list[str]:
-    return [layout + CHECKPOINTING[ac] for ac in checkpointing for layout in layouts]
+def variant_names(layouts: list[str], checkpointing: list[str], compiled: list[str]) -> list[str]:
+    return [layout + CHECKPOINTING[ac] + COMPILE[c] for c in compiled for ac in checkpointing for layout in layouts]
+
+
+def layout_of(name: str) -> str:
+    return name.split("+")[0]
 
 
 def comparisons(names: list[str]) -> list[tuple[str, str]]:
-    """(numerator, denominator) pairs among the variants run: EP=2 vs DP=2, each vs one process, AC on vs off."""
+    """(numerator, denominator) pairs among the variants run: EP=2 vs DP=2, each vs one process, AC on vs off
+    (eager), compiled vs eager."""
     pairs = []
     for suffix in CHECKPOINTING.values():
         pairs += [("ep2" + suffix, "dp2" + suffix), ("ep2" + suffix, "single" + suffix),
                   ("dp2" + suffix, "single" + suffix)]
     pairs += [(layout + "+ac", layout) for layout in LAYOUTS]
+    pairs += [(layout + ac + "+compiled", layout + ac) for ac in CHECKPOINTING.values() for layout in LAYOUTS]
     return [(a, b) for a, b in pairs if a in names and b in names]
 
 
 def worker_command(name: str, config: str, overrides: list[str], address: str, tmp: Path) -> list[str]:
-    processes, layout_setting = LAYOUTS[name.removesuffix("+ac")]
-    settings = [*overrides, layout_setting, f"parallel.activation_checkpointing={name.endswith('+ac')}",
-                f"train.out_dir={tmp / name}"]
+    processes, layout_setting = LAYOUTS[layout_of(name)]
+    settings = [*overrides, layout_setting, f"parallel.activation_checkpointing={'+ac' in name}",
+                f"train.compile={name.endswith('+compiled')}", f"train.out_dir={tmp / name}"]
     args = ["benchmarks/step_worker.py", address, name, "--config", config]
     for setting in settings:
         args += ["--set", setting]
@@ -84,7 +93,7 @@ class Workers:
         for name in names:
             self.logs[name] = tmp / f"{config_name}_{name}.log"
             command = worker_command(name, config, overrides, address, tmp / config_name)
-            threads = max(1, cores // LAYOUTS[name.removesuffix("+ac")][0])
+            threads = max(1, cores // LAYOUTS[layout_of(name)][0])
             with open(self.logs[name], "w") as log:
                 env = spawn.environment(threads, BENCH_AUTHKEY=authkey.hex())
                 self.processes[name] = subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
@@ -171,15 +180,15 @@ def with_spread(values: dict, digits: int) -> str:
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"\n{'config':<7} {'layout':<10} {'step ms (min-max)':>26} {'tokens/s':>9} {'peak MB':>8}")
+    print(f"\n{'config':<7} {'layout':<19} {'step ms (min-max)':>26} {'tokens/s':>9} {'peak MB':>8}")
     for r in results:
         if r["kind"] == "layout":
-            print(f"{r['config']:<7} {r['layout']:<10} {with_spread(r['step_time_ms'], 1):>26} "
+            print(f"{r['config']:<7} {r['layout']:<19} {with_spread(r['step_time_ms'], 1):>26} "
                   f"{r['tokens_per_s']:>9} {r['peak_memory_mb']:>8}")
-    print(f"\n{'config':<7} {'ratio':<17} {'step time (min-max)':>22} {'peak memory':>12}")
+    print(f"\n{'config':<7} {'ratio':<29} {'step time (min-max)':>22} {'peak memory':>12}")
     for r in results:
         if r["kind"] == "ratio":
-            print(f"{r['config']:<7} {r['ratio']:<17} {with_spread(r['step_time'], 3):>22} {r['peak_memory']:>12.3f}")
+            print(f"{r['config']:<7} {r['ratio']:<29} {with_spread(r['step_time'], 3):>22} {r['peak_memory']:>12.3f}")
 
 
 def main(argv=None) -> int:
@@ -187,12 +196,13 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", default="digits,S", help=f"comma-separated, of {', '.join(CONFIGS)}")
     parser.add_argument("--layouts", default="single,ep2,dp2", help=f"comma-separated, of {', '.join(LAYOUTS)}")
     parser.add_argument("--checkpointing", default="off,on", help="activation checkpointing: off, on or off,on")
+    parser.add_argument("--compile", default="off,on", help="compiled blocks (train.compile): off, on or off,on")
     parser.add_argument("--repeats", type=int, default=4, help="timed repetitions (after one warm-up repetition)")
     parser.add_argument("--steps", type=int, default=2, help="training steps per layout and repetition")
     parser.add_argument("--cores", type=int, default=2,
                         help="cores the layouts share (threads per process: cores / ranks)")
     args = parser.parse_args(argv)
-    names = variant_names(args.layouts.split(","), args.checkpointing.split(","))
+    names = variant_names(args.layouts.split(","), args.checkpointing.split(","), args.compile.split(","))
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
         for config_name in args.configs.split(","):

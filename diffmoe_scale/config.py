@@ -115,6 +115,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     tf32: bool = True  # TF32 for the matmuls that stay fp32, on GPUs that have it (false: exact fp32)
     deterministic: bool = False  # bit-exact GPU runs: deterministic kernels, math attention (slower)
+    compile: bool = False  # torch.compile each DiT block (parallel/compile.py), for training and sampling
     max_nonfinite_steps: int = 5  # NaN/Inf steps in a row (each skipped) before the run saves and stops
     # Dense peak TFLOP/s of one device in the training precision, for the MFU in the logs; default: from
     # the GPU's name (H100, H200, A100, B200; train/efficiency.py), none on a CPU.
@@ -384,6 +385,9 @@ def _resolve_and_validate(config: Config, source: str) -> None:
     require(0 < parallel.timeout_minutes < float("inf"), "parallel.timeout_minutes", "must be positive and finite")
     require(0 < parallel.stall_warning_minutes < parallel.timeout_minutes, "parallel.stall_warning_minutes",
             f"must be positive and shorter than parallel.timeout_minutes={parallel.timeout_minutes}")
+    if train.compile:
+        require(parallel.tp == 1, "train.compile", "compiled blocks are not supported with tensor parallelism "
+                "(parallel.tp > 1): use one or the other")
     if parallel.zero_stage == 3 and moe.ffn != "dense":
         fail("parallel.zero_stage", "ZeRO-3 does not support MoE layers; use stage 0, 1 or 2")
     if train.precision != "fp32":

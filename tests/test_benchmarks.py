@@ -47,7 +47,7 @@ def test_dispatch_bytes_are_the_analytical_minimum():
 @pytest.mark.slow
 def test_step_benchmark_reports_consistent_layouts_and_ratios():
     records, table = run_benchmark("step.py", "--configs", "digits", "--layouts", "single,ep2",
-                                   "--checkpointing", "off", "--repeats", "1", "--steps", "1")
+                                   "--checkpointing", "off", "--compile", "off", "--repeats", "1", "--steps", "1")
     layouts = {r["layout"]: r for r in records if r["kind"] == "layout"}
     assert {name: r["processes"] for name, r in layouts.items()} == {"single": 1, "ep2": 2}
     for r in layouts.values():

@@ -347,6 +347,8 @@ BAD_CASES = [
     case("tp-vs-heads", DIGITS_BASE + "parallel:\n  tp: 3\n", "parallel.tp: must divide model.num_heads=4"),
     case("tp-vs-ffn-width", DIGITS_BASE + "model:\n  mlp_ratio: 1.3\nparallel:\n  tp: 4\n",
          "parallel.tp: must divide the FFN width 166"),
+    case("compile-with-tp", DIGITS_BASE + "train:\n  compile: true\nparallel:\n  tp: 2\n",
+         "train.compile: compiled blocks are not supported with tensor parallelism"),
     case("grad-accum-zero", DIGITS_BASE + "train:\n  grad_accum_steps: 0\n", "train.grad_accum_steps: must be at least 1"),
     case("checkpoint-every-zero", DIGITS_BASE + "parallel:\n  activation_checkpointing_every: 0\n",
          "parallel.activation_checkpointing_every: must be at least 1"),

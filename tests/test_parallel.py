@@ -33,6 +33,8 @@ ONE_RANK = {
     "reference": ([], {}),  # the whole batch as one pool
     "two_pools": (["train.grad_accum_steps=2"], {}),  # two micro-batches: two pools, as two data-parallel EP groups
     "expert_choice": (["moe.ffn=expert_choice", "moe.pool=sample"], {}),
+    # Compiled blocks (torch.compile's aot_eager backend: capture and autograd, no code generation) with checkpointing.
+    "compiled": (["train.compile=true", "parallel.activation_checkpointing=true"], {"compile_backend": "aot_eager"}),
 }
 TWO_RANKS = {
     "ep2": (EP2, {"consolidation": True}),
@@ -42,6 +44,8 @@ TWO_RANKS = {
     "zero1": ([*EP2, "parallel.zero_stage=1"], {"consolidation": True}),
     "zero2": ([*EP2, "parallel.zero_stage=2"], {"consolidation": True}),
     "checkpointing": ([*EP2, "parallel.activation_checkpointing=true"], {}),
+    "compiled_ep2": ([*EP2, "train.compile=true", "parallel.activation_checkpointing=true"],
+                     {"compile_backend": "aot_eager"}),
     "all_to_all_plain": (EP2, {"steps": 1}),
     "all_to_all_checkpointed": ([*EP2, "parallel.activation_checkpointing=true"], {"steps": 1}),
     "deepspeed_files": (EP2, {"steps": 1, "checkpoint_dir": "deepspeed_checkpoint"}),
@@ -189,6 +193,12 @@ def test_zero_stages_match_stage_0(one_rank, two_ranks, stage):
 def test_activation_checkpointing_matches_plain_backward(one_rank, two_ranks):
     # Same routing, same gradients, thresholds updated once per step (not again by the recompute).
     assert_same_training(two_ranks["checkpointing"], one_rank["reference"])
+
+
+def test_compiled_blocks_train_as_eager(one_rank, two_ranks):
+    # One process, and EP=2 (its MoE FFNs eager inside the compiled blocks), both with checkpointing; sampling too.
+    assert_same_training(one_rank["compiled"], one_rank["reference"])
+    assert_same_training(two_ranks["compiled_ep2"], one_rank["reference"])
 
 
 def test_tp2_equals_tp1(one_rank, two_ranks):

@@ -92,12 +92,17 @@ class DiffMoELayer(RoutedFFN):
             return None
         return pool_order(self.dispatch.size, local_tokens, self.batch_pools, self.router.weight.device)
 
+    def static_routing(self) -> bool:
+        """Top-C (training, and capacity routing at inference): k tokens per expert and pool. The thresholds'
+        counts (inference) depend on the data."""
+        return self.training or self.inference_routing == "capacity"
+
     def forward(self, x):
         batch, seq, dim = x.shape
         tokens = x.reshape(-1, dim)
         scores = router_scores(self.router, tokens)  # [N, E], fp32
         pool_size = self.pool_size(batch, seq)
-        if not self.training and self.inference_routing != "capacity":
+        if not self.static_routing():
             routing = self.threshold_routing(tokens, scores, pool_size)
             out = self.route(tokens, scores, routing, len(tokens) * self.dispatch.size)
             return self.add_shared(x, out.view_as(x)), {}

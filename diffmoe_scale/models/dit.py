@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .experts import RoutedFFN
-from .routing_tape import RoutingTape
+from .routing_tape import RoutingTape, saved_routing_contexts
 
 
 def modulate(x, shift, scale):
@@ -73,9 +73,10 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, c):
         if self.checkpoint and torch.is_grad_enabled():
-            # A tape per call: the recomputation replays the routing of this forward (see routing_tape).
-            return torch.utils.checkpoint.checkpoint(self._forward, x, c, use_reentrant=False,
-                                                     context_fn=RoutingTape().contexts)
+            # Eager: a tape per call, the recomputation replays the routing of this forward. Compiled: the
+            # backward graph keeps the routing ops' outputs (see routing_tape).
+            contexts = saved_routing_contexts if torch.compiler.is_compiling() else RoutingTape().contexts
+            return torch.utils.checkpoint.checkpoint(self._forward, x, c, use_reentrant=False, context_fn=contexts)
         return self._forward(x, c)
 
     def _forward(self, x, c):

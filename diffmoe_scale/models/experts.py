@@ -223,6 +223,11 @@ class RoutedFFN(nn.Module):
     def reset_router(self):
         nn.init.normal_(self.router.weight, std=0.006)
 
+    def static_routing(self) -> bool:
+        """Whether every expert's token count follows from the input's shape alone (no count read from the
+        routing): what one compiled graph of fixed shapes can hold. False here (token choice's counts)."""
+        return False
+
     def route(self, tokens, scores, routing: Routing, pool_tokens: int):
         """Run `routing` through the experts (see `record_routing` for the statistics it keeps)."""
         self.record_routing(routing, pool_tokens)

@@ -3,6 +3,7 @@ import torch
 
 from ..config import Config
 from ..models import build_model
+from .compile import compile_blocks
 from .expert_parallel import apply_expert_parallel
 from .groups import ParallelGroups
 
@@ -21,6 +22,8 @@ def parallelize(model, config: Config, groups: ParallelGroups):
     apply_expert_parallel(model, groups)
     if config.parallel.activation_checkpointing:
         apply_activation_checkpointing(model, config.parallel.activation_checkpointing_every)
+    if config.train.compile:
+        compile_blocks(model)
     return model
 
 

@@ -70,7 +70,9 @@ def training_flops_per_image(model, config: Config, dp_size: int, dtype: torch.d
     try:
         for block in blocks:
             block.checkpoint = False
-        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
+        # Counted on the eager modules (compiled blocks run the same maths): no compilation for this one forward.
+        with torch.compiler.set_stance("force_eager"), \
+                FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
             prediction, losses = model(x, t, y)
             loss = prediction.float().square().mean() + sum(losses.values())
             torch.autograd.grad(loss, params, allow_unused=True)

@@ -6,9 +6,9 @@ with "consolidation" also its checkpoint and the whole state its ranks gather (t
     torchrun --nproc_per_node 2 tests/distributed/equivalence_worker.py OUT_DIR CASES.json --config C
 
 CASES.json: [{"name": N, "overrides": ["parallel.ep=2", ...], "steps": 3, "consolidation": false,
-"checkpoint_dir": null}, ...]; each case writes OUT_DIR/N.pt. Each case gets DeepSpeed expert groups of its own
-layout (DeepSpeed caches them per process by EP size only); a tensor-parallel case goes last (its megatron-core
-groups stay).
+"checkpoint_dir": null, "compile_backend": "inductor"}, ...]; each case writes OUT_DIR/N.pt (compile_backend: of
+train.compile). Each case gets DeepSpeed expert groups of its own layout (DeepSpeed caches them per process by
+EP size only); a tensor-parallel case goes last (its megatron-core groups stay).
 """
 import argparse
 import gc
@@ -20,6 +20,7 @@ from deepspeed.utils import groups as ds_groups
 
 from diffmoe_scale.config import load_config
 from diffmoe_scale.models import DiT
+from diffmoe_scale.parallel import compile as compile_module
 from diffmoe_scale.parallel.collectives import all_gather
 from diffmoe_scale.parallel.engine import grad_square_sums
 from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime
@@ -140,6 +141,7 @@ def main():
     runtime = init_runtime()
     for case in json.loads(args.cases.read_text()):
         forget_deepspeed_expert_groups()
+        compile_module.OPTIONS = {"backend": case.get("compile_backend", "inductor")}
         config = load_config(args.config, [*case["overrides"], f"train.out_dir={args.out_dir / case['name']}"])
         trainer = Trainer(config, runtime)
         record = run_case(trainer, config, case)
