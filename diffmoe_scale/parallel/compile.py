@@ -16,6 +16,7 @@ import torch
 
 from ..models import RoutedFFN
 
+RECOMPILE_LIMIT = 64
 OPTIONS = {"backend": "inductor"}  # torch.compile's arguments (tests use a faster backend, and fullgraph)
 
 
@@ -35,6 +36,9 @@ def compile_blocks(model) -> None:
     # Side effects of a checkpointed forward (threshold quantiles, capacity statistics) happen once, in the
     # forward, as the eager tape has it; the backward graph's recomputation has none.
     torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    # Every block shares one forward (one code object): dense and MoE blocks, training and sampling, with and
+    # without the EMA copy each need a graph of their own; past dynamo's default of 8 the rest would run eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for layer in model.moe_layers():
         _eager_unless_static(layer)
     for block in model.blocks:
