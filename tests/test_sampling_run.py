@@ -131,3 +131,17 @@ def test_sample_config_keys_are_validated():
     with pytest.raises(ConfigError, match="sample.every_steps"):
         load_config(REPO / "configs/digits_diffmoe_e4_flow.yaml", ["sample.every_steps=-1"])
     assert SampleConfig().every_steps == 0 and SampleConfig().precision == "auto"
+
+
+def test_every_rank_has_written_its_last_shard_before_the_run_returns(tmp_path, monkeypatch):
+    """Rank 0 merges the shards once sample_pools returns: the last collective must follow the last write
+    (without it, a rank still writing its half of the last pool left rank 0 a shard short)."""
+    from diffmoe_scale.eval import sampling_run
+
+    events = []
+    write = sampling_run.write_shard
+    monkeypatch.setattr(sampling_run, "write_shard", lambda *args: (events.append("write"), write(*args))[1])
+    monkeypatch.setattr(sampling_run, "barrier", lambda: events.append("collective"))
+    monkeypatch.setattr(sampling_run, "max_over_ranks", lambda value, device: (events.append("collective"), value)[1])
+    assert run(tmp_path, StandInSampler(), num_samples=24) == 0
+    assert events.count("write") == 3 and events[-1] == "collective"

@@ -98,4 +98,5 @@ def sample_pools(sampler, directory: Path, identity: dict, num_samples: int, bat
             rate = (written - at_start) / (time.perf_counter() - began)
             eta = f"{(num_samples - written) / rate / 60:.1f} min" if rate else "unknown"
             print(f"sampled {written}/{num_samples} ({rate:.1f} images/s, ETA {eta})", flush=True)
+    barrier()  # every rank's last shard is written before rank 0 merges them
     return 0
