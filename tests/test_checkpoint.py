@@ -17,7 +17,7 @@ from diffmoe_scale.config import ConfigError
 from diffmoe_scale.train import checkpoint
 from diffmoe_scale.train.checkpoint import MANIFEST, find_resumable, make_room_for, prune, verify
 from diffmoe_scale.train.stop import EXIT_PREEMPTED
-from tests.helpers import FAKE_LAYOUT, clean_env, read_metrics, write_fake_checkpoint
+from tests.helpers import FAKE_LAYOUT, NARROW, clean_env, read_metrics, write_fake_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -121,8 +121,8 @@ def straight(runtime, tmp_path_factory):
     return out
 
 
-EP2 = ("parallel.ep=2",)
-EP2_ZERO1_BF16 = ("parallel.ep=2", "parallel.zero_stage=1", "train.precision=bf16")
+EP2_ZERO1 = ("parallel.ep=2", "parallel.zero_stage=1")
+EP2_ZERO1_BF16 = (*EP2_ZERO1, "train.precision=bf16", *NARROW)
 
 
 @pytest.fixture(scope="module")
@@ -390,15 +390,16 @@ def assert_continues(ours: Path, straight: Path, from_step: int) -> None:
 @pytest.mark.slow
 def test_ep2_zero1_checkpoint_resumes_on_one_process_after_consolidation(runtime, straight_ep2_runs, tmp_path,
                                                                          capsys):
-    run(command(tmp_path, "parallel.ep=2", "parallel.zero_stage=1", "train.max_steps=8", nproc=2))
+    straight = straight_ep2_runs(EP2_ZERO1)
     sharded = tmp_path / "checkpoints" / "step_00000008"
+    shutil.copytree(straight / "checkpoints" / sharded.name, sharded)  # a run directory that has reached step 8
     with pytest.raises(ConfigError, match=f"python launch/checkpoint.py consolidate {sharded}"):
         train_here(runtime, tmp_path)
     assert "consolidated step 8" in checkpoint_tool("consolidate", str(sharded))
     capsys.readouterr()
     train_here(runtime, tmp_path)
     assert f"resumed from {sharded}_consolidated at step 8" in capsys.readouterr().out
-    assert_continues(tmp_path, straight_ep2_runs(EP2), 8)
+    assert_continues(tmp_path, straight, 8)
 
 
 @pytest.mark.slow
@@ -429,7 +430,7 @@ def test_export_ema_gathers_every_shard_into_the_plain_model(straight_ep2_runs, 
     from diffmoe_scale.models import build_model
     from diffmoe_scale.train.ema_thresholds import load_ema_weights
 
-    sharded = straight_ep2_runs(EP2) / "checkpoints" / "step_00000008"
+    sharded = straight_ep2_runs(EP2_ZERO1) / "checkpoints" / "step_00000008"
     checkpoint_tool("export-ema", str(sharded), "--out", str(tmp_path / "ema.safetensors"))
     exported = load_file(tmp_path / "ema.safetensors")
     manifest = json.loads((sharded / MANIFEST).read_text())
@@ -437,20 +438,30 @@ def test_export_ema_gathers_every_shard_into_the_plain_model(straight_ep2_runs, 
     load_ema_weights(model, exported, "copy")  # every tensor but the averaged thresholds, strictly
     assert sorted(name for name in exported if name not in model.state_dict()) == [
         f"blocks.{block}.ffn.thresholds.average" for block in (1, 3, 5)]
-    # The EMA is sharded as the masters: each rank holds two of the four experts of each layer, and half of
-    # every dense parameter (its replicas are split over the two data-parallel ranks). The export puts them
-    # back together in order.
+    # The EMA is sharded as the fp32 masters: each rank holds two of the four experts of each layer, and its
+    # half of ZeRO's flat partition of the dense parameters (which cuts one of them in two). The export puts
+    # the pieces back together in order.
     shards = [torch.load(sharded / f"trainer_rank_{r:05d}.pt", weights_only=False)["ema"] for r in (0, 1)]
 
-    def shard(rank: int, name: str) -> torch.Tensor:
-        state = shards[rank]
-        return state["shadow"][state["names"].index(name)]
+    def pieces(name: str) -> list[tuple[int, torch.Tensor]]:
+        """(start, values) of each non-empty piece of parameter `name`, rank 0's first."""
+        found = []
+        for state in shards:
+            i = state["names"].index(name)
+            if state["shadow"][i].numel():
+                found.append((state["starts"][i], state["shadow"][i]))
+        return found
 
-    experts = torch.cat([shard(r, "blocks.1.ffn.deepspeed_moe.experts.w1") for r in (0, 1)])
+    experts = torch.cat([values for _, values in pieces("blocks.1.ffn.deepspeed_moe.experts.w1")])
     assert torch.equal(exported["blocks.1.ffn.experts.w1"].flatten(), experts)
-    router = torch.cat([shard(r, "blocks.1.ffn.deepspeed_moe.router.weight") for r in (0, 1)])
-    assert len(shard(0, "blocks.1.ffn.deepspeed_moe.router.weight")) == router.numel() // 2
-    assert torch.equal(exported["blocks.1.ffn.router.weight"].flatten(), router)
+    dense = [name for name in shards[0]["names"] if ".experts." not in name]
+    cut = [name for name in dense if len(pieces(name)) == 2]
+    assert len(cut) == 1 and pieces(cut[0])[0][0] == 0 < pieces(cut[0])[1][0], cut
+    for name in dense:
+        parts = pieces(name)
+        assert [start for start, _ in parts] == [sum(len(values) for _, values in parts[:i]) for i in range(len(parts))]
+        assert torch.equal(exported[checkpoint.plain_name(name)].flatten(),
+                           torch.cat([values for _, values in parts])), name
 
 
 def test_inspect_lists_checkpoints_and_names_each_problem(tmp_path):

@@ -13,13 +13,13 @@ import torch.distributed as dist
 
 from diffmoe_scale.parallel import collectives
 from diffmoe_scale.parallel.runtime import cuda_device_index
-from tests.helpers import clean_env, read_metrics
+from tests.helpers import NARROW, clean_env, read_metrics
 from tests.pretend_cuda import CUDA, DeviceMismatch, OnCuda, pretend_cuda
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 CONFIG = "configs/digits_diffmoe_e4_flow.yaml"
-TINY = ["train.global_batch_size=16", "logging.every_steps=1", "sample.steps=2", "sample.per_class=1"]
+TINY = ["train.global_batch_size=16", "logging.every_steps=1", "sample.steps=2", "sample.per_class=1", *NARROW]
 
 
 @pytest.fixture(scope="module")

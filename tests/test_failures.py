@@ -189,7 +189,18 @@ def test_a_frozen_rank_is_reported_and_its_peer_ends_naming_the_collective(tmp_p
     proc = start([*SUPERVISE, *torchrun_training(tmp_path, "parallel.timeout_minutes=0.25",
                                                  "parallel.stall_warning_minutes=0.05")], marker, fault)
     try:
-        output = proc.communicate(timeout=300)[0]
+        output = ""
+        while " timed out after " not in output:  # rank 0's report, or the end of the job's output
+            line = proc.stdout.readline()
+            if not line:
+                break
+            output += line
+        # torchrun now SIGTERMs rank 1, which is stopped and cannot take it, and SIGKILLs it 30 s later: do
+        # that at once.
+        for pid, environment in processes_with(MARKER, marker).items():
+            if environment.get("RANK") == "1":
+                os.kill(pid, signal.SIGKILL)
+        output += proc.communicate(timeout=300)[0]
     finally:
         wait_until_gone(marker)
     assert proc.returncode == EXIT_COLLECTIVE_FAILED, output[-4000:]

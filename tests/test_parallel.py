@@ -37,7 +37,7 @@ ONE_RANK = {
     "compiled": (["train.compile=true", "parallel.activation_checkpointing=true"], {"compile_backend": "aot_eager"}),
 }
 TWO_RANKS = {
-    "ep2": (EP2, {"consolidation": True}),
+    "ep2": (EP2, {"consolidation": True, "checkpoint_dir": "deepspeed_checkpoint"}),
     "dp2": ([], {}),
     "local_pool_ep2": ([*EP2, "moe.pool=local"], {}),
     "expert_choice_ep2": ([*EP2, "moe.ffn=expert_choice", "moe.pool=sample"], {}),
@@ -46,9 +46,6 @@ TWO_RANKS = {
     "checkpointing": ([*EP2, "parallel.activation_checkpointing=true"], {}),
     "compiled_ep2": ([*EP2, "train.compile=true", "parallel.activation_checkpointing=true"],
                      {"compile_backend": "aot_eager"}),
-    "all_to_all_plain": (EP2, {"steps": 1}),
-    "all_to_all_checkpointed": ([*EP2, "parallel.activation_checkpointing=true"], {"steps": 1}),
-    "deepspeed_files": (EP2, {"steps": 1, "checkpoint_dir": "deepspeed_checkpoint"}),
     "bf16": ([*EP2, "parallel.zero_stage=1", "train.precision=bf16"], {"consolidation": True}),
     "tp2": (["parallel.tp=2"], {"consolidation": True}),  # last: megatron-core's groups stay
 }
@@ -215,7 +212,7 @@ def test_all_to_all_moves_exactly_the_routed_tokens(one_rank, two_ranks, checkpo
     routing mask: each (token, expert) pair once per direction and pass, no padding to capacity.
     The passes: forward and backward, plus the recomputed forward under activation checkpointing."""
     ranks = 2
-    ours = two_ranks["all_to_all_checkpointed" if checkpointing else "all_to_all_plain"]
+    ours = two_ranks["checkpointing" if checkpointing else "ep2"]
     experts_per_rank = 4 // ranks
     for layer, (mask, sent) in enumerate(zip(one_rank["reference"]["masks"], ours["rows_sent"])):
         tokens_per_rank = len(mask) // ranks
@@ -232,7 +229,7 @@ def test_all_to_all_moves_exactly_the_routed_tokens(one_rank, two_ranks, checkpo
 def test_deepspeed_checkpoint_writes_one_file_per_expert(two_ranks):
     """DeepSpeed knows the experts: its checkpoint of an EP=2 run files each expert of each MoE layer
     separately (under its global id), keeps them out of the model file, and loads back exactly."""
-    ours = two_ranks["deepspeed_files"]
+    ours = two_ranks["ep2"]
     checkpoint = Path(ours["checkpoint_files_dir"])
     expert_files = {f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
                     for layer in range(3) for expert in range(4)}

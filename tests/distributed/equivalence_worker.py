@@ -5,7 +5,7 @@ with "consolidation" also its checkpoint and the whole state its ranks gather (t
 
     torchrun --nproc_per_node 2 tests/distributed/equivalence_worker.py OUT_DIR CASES.json --config C
 
-CASES.json: [{"name": N, "overrides": ["parallel.ep=2", ...], "steps": 3, "consolidation": false,
+CASES.json: [{"name": N, "overrides": ["parallel.ep=2", ...], "consolidation": false,
 "checkpoint_dir": null, "compile_backend": "inductor"}, ...]; each case writes OUT_DIR/N.pt (compile_backend: of
 train.compile). Each case gets DeepSpeed expert groups of its own layout (DeepSpeed caches them per process by
 EP size only); a tensor-parallel case goes last (its megatron-core groups stay).
@@ -29,6 +29,7 @@ from diffmoe_scale.train.trainer import Trainer, capacity_stats, mean_over_ranks
 from gather import full_state, gathered_state  # beside this file
 
 
+STEPS = 3
 DIT_INIT = DiT._init_weights
 
 
@@ -96,7 +97,7 @@ def run_case(trainer, config, case: dict) -> dict:
         original_step()
 
     trainer.engine.step = step_and_capture
-    for _ in range(case.get("steps", 3)):
+    for _ in range(STEPS):
         losses, grad_norm = trainer.train_step()
         record["loss"].append(mean_over_ranks(losses))
         record["grad_norm"].append(grad_norm)
