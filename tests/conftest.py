@@ -1,5 +1,5 @@
-"""Fixtures several test files share: a tiny ImageFolder, a tiny randomly initialised VAE, and a
-short digits run with its EMA weights exported."""
+"""Fixtures several test files share: this process as a world of one, a tiny ImageFolder, a tiny randomly
+initialised VAE, and a short digits run with its EMA weights exported."""
 import os
 import subprocess
 import sys
@@ -34,6 +34,9 @@ def pytest_configure(config):
     if os.environ.get("PYTEST_XDIST_WORKER"):  # one core per worker, for its own torch and the ranks it starts
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
+        # xdist's workers run unbuffered, and the processes they start would inherit it: print() would then
+        # write a line's text and its newline apart, and two ranks' lines on one pipe could interleave.
+        os.environ.pop("PYTHONUNBUFFERED", None)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -41,6 +44,14 @@ def pytest_collection_modifyitems(config, items):
     file handed out last would leave the other worker idle."""
     slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
     items.sort(key=lambda item: -slow[item.path])
+
+
+@pytest.fixture(scope="session")
+def runtime():
+    """This process as a world of one, for the tests that run the trainer or collectives in it."""
+    from diffmoe_scale.parallel.runtime import init_runtime
+
+    return init_runtime()
 
 
 @pytest.fixture(scope="session")

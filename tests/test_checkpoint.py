@@ -98,13 +98,6 @@ def resumed_step(output: str) -> int:
     return int(output.split(" at step ")[1].split()[0])
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    from diffmoe_scale.parallel.runtime import init_runtime
-
-    return init_runtime()
-
-
 def train_here(runtime, out_dir: Path, *overrides: str, resume: str = "auto", allow: tuple = ()) -> None:
     """The trainer in this process, as `pretrain_diffmoe.py` runs it on one process (its config errors raised)."""
     from diffmoe_scale.config import load_config

@@ -4,6 +4,8 @@ In process, on a tiny DiT. The compiler here is dynamo's capture, AOT autograd a
 (which decides what the backward recomputes under activation checkpointing), without inductor's code
 generation (a minute per block on 2 CPU cores); the one inductor test is marked slow.
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch._dynamo.backends.common import aot_autograd
@@ -143,3 +145,31 @@ def test_inductor_step_equals_eager(monkeypatch):
     for name in ref[1]:
         torch.testing.assert_close(ours[1][name], ref[1][name], rtol=1e-4, atol=1e-6, msg=name)
     torch.testing.assert_close(ours[2], ref[2], rtol=1e-5, atol=1e-6)
+
+
+def test_a_forward_every_block_shares_gets_graphs_up_to_dynamos_recompile_limit(monkeypatch):
+    """compile_blocks raises dynamo's private `recompile_limit`: the blocks share one forward, one code object,
+    and past that many graphs dynamo runs the rest of them eagerly, without an error."""
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    class Block(torch.nn.Module):
+        def __init__(self, kind: str):
+            super().__init__()
+            self.kind = kind  # a constant each graph is specialised on, as a block's kind of FFN
+
+        def forward(self, x):
+            return x * len(self.kind)
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 3)
+    for kind in ("a", "bb", "ccc", "dddd", "eeeee"):
+        block = Block(kind)
+        assert torch.equal(torch.compile(block.forward, backend=backend)(torch.ones(2)), torch.full((2,), len(kind)))
+    torch._dynamo.reset()
+    assert len(graphs) == 3
+    compile_blocks(SimpleNamespace(moe_layers=list, blocks=[]))  # a model without blocks: only the settings
+    assert torch._dynamo.config.recompile_limit == compile_module.RECOMPILE_LIMIT

@@ -4,7 +4,6 @@ compared with what its ranks gather in tests/test_parallel.py.)"""
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from diffmoe_scale.config import load_config
@@ -14,13 +13,6 @@ from diffmoe_scale.train.checkpoint import MANIFEST, read_consolidated
 from diffmoe_scale.train.consolidation import write_consolidated
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def runtime():
-    from diffmoe_scale.parallel.runtime import init_runtime
-
-    return init_runtime()
 
 
 def trainer_for(runtime, tmp_path):

@@ -22,18 +22,11 @@ CONFIG = "configs/digits_diffmoe_e4_flow.yaml"
 TINY = ["train.global_batch_size=16", "logging.every_steps=1", "sample.steps=2", "sample.per_class=1", *NARROW]
 
 
-@pytest.fixture(scope="module")
-def world_of_one():
-    from diffmoe_scale.parallel.runtime import init_runtime
-
-    return init_runtime()
-
-
 # --------------------------------------------------------------------------------------------
 # The harness refuses what CUDA refuses (so the runs below passing means something).
 
 
-def test_pretend_cuda_refuses_device_mixes_and_cpu_collectives(world_of_one):
+def test_pretend_cuda_refuses_device_mixes_and_cpu_collectives(runtime):
     with pretend_cuda():
         on_gpu = torch.randn(4, 4, device="cuda")
         assert isinstance(on_gpu, OnCuda) and on_gpu.device == CUDA
@@ -52,7 +45,7 @@ def test_pretend_cuda_refuses_device_mixes_and_cpu_collectives(world_of_one):
         assert torch.equal(on_gpu.cpu(), on_gpu.host) and type(on_gpu.cpu()) is torch.Tensor
 
 
-def test_pretend_cuda_counts_host_reads(world_of_one):
+def test_pretend_cuda_counts_host_reads(runtime):
     with pretend_cuda() as mode:
         values = torch.arange(6, device="cuda")
         values.sum().item()
@@ -61,7 +54,7 @@ def test_pretend_cuda_counts_host_reads(world_of_one):
     assert mode.host_syncs == {"_local_scalar_dense.default": 1, "tolist": 1, "index.Tensor": 1}
 
 
-def test_what_pretend_cuda_saves_loads_on_a_cpu_only_machine_only_with_map_location(world_of_one, tmp_path):
+def test_what_pretend_cuda_saves_loads_on_a_cpu_only_machine_only_with_map_location(runtime, tmp_path):
     with pretend_cuda():
         torch.save({"weight": torch.full((3,), 2.0, device="cuda"), "step": 7}, tmp_path / "state.pt")
     with pytest.raises(RuntimeError, match="on a CUDA device but torch.cuda.is_available\\(\\) is False"):
@@ -74,7 +67,7 @@ def test_what_pretend_cuda_saves_loads_on_a_cpu_only_machine_only_with_map_locat
 # Units
 
 
-def test_the_stop_agreement_hands_nccl_a_cuda_tensor(world_of_one, monkeypatch):
+def test_the_stop_agreement_hands_nccl_a_cuda_tensor(runtime, monkeypatch):
     monkeypatch.setattr(collectives, "_distributed", lambda: True)  # a world of one still runs the collective
     with pretend_cuda():
         assert collectives.max_over_ranks(75, CUDA) == 75

@@ -96,13 +96,6 @@ def test_torch_save_refused_by_the_file_system_becomes_one_message(size, tmp_pat
         raise RuntimeError("a collective failed")
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    from diffmoe_scale.parallel.runtime import init_runtime
-
-    return init_runtime()
-
-
 def test_trainer_saves_check_the_room_and_a_failed_write_keeps_the_previous_checkpoint(runtime, tmp_path,
                                                                                      monkeypatch):
     from diffmoe_scale.train.trainer import Trainer

@@ -16,13 +16,6 @@ CONFIG = "configs/digits_diffmoe_e4_flow.yaml"
 DECAY = 0.7  # far from 1: after a few steps the average is far from the trained thresholds
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    from diffmoe_scale.parallel.runtime import init_runtime
-
-    return init_runtime()
-
-
 def trainer_for(runtime, out, *overrides):
     from diffmoe_scale.train.trainer import Trainer
 

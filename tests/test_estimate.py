@@ -63,13 +63,6 @@ def test_activations_match_what_the_forward_keeps(path, overrides, precision, at
     assert_close(estimated, measured, f"{path} {precision} {attention} checkpointing every {every}")
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    from diffmoe_scale.parallel.runtime import init_runtime
-
-    return init_runtime()
-
-
 @pytest.mark.parametrize("zero_stage", [0, 1])
 def test_one_process_model_state_matches_the_engine(zero_stage, runtime, tmp_path):
     from diffmoe_scale.estimate import measure

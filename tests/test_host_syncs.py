@@ -26,13 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/digits_diffmoe_e4_flow.yaml"
 
 
-@pytest.fixture(scope="module")
-def world_of_one():
-    from diffmoe_scale.parallel.runtime import init_runtime
-
-    return init_runtime()
-
-
 def test_a_diffmoe_layer_trains_without_waiting_for_the_device():
     with pretend_cuda() as mode:
         layer = DiffMoELayer(32, 64, 4, capacity=1.5).train().to("cuda")
@@ -45,7 +38,7 @@ def test_a_diffmoe_layer_trains_without_waiting_for_the_device():
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
-def test_a_model_training_step_never_waits_for_the_device(world_of_one, checkpointing):
+def test_a_model_training_step_never_waits_for_the_device(runtime, checkpointing):
     """Forward, losses, backward, threshold update and capacity statistics of the whole DiT."""
     config = load_config(CONFIG)
     objective = build_objective(config)

@@ -19,13 +19,6 @@ TINY = ["model.depth=2", "model.hidden_size=32", "train.global_batch_size=16", "
         "logging.every_steps=1", "checkpoint.every_steps=0", "sample.steps=1", "sample.per_class=1"]
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    from diffmoe_scale.parallel.runtime import init_runtime
-
-    return init_runtime()
-
-
 def train(out_dir: Path, runtime, *overrides: str) -> tuple[list[dict], torch.Tensor]:
     """The run's metrics and the global RNG state its last checkpoint holds."""
     from diffmoe_scale.train.checkpoint import rank_state_name

@@ -162,13 +162,6 @@ def test_reduced_precision_without_zero_is_refused_naming_the_way_out():
 # The trainer: bf16 follows fp32.
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    from diffmoe_scale.parallel.runtime import init_runtime
-
-    return init_runtime()
-
-
 def losses_of(runtime, tmp_path, config_file: str, precision: str) -> list[float]:
     from diffmoe_scale.train.trainer import Trainer
 

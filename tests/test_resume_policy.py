@@ -157,13 +157,6 @@ def test_a_resume_in_its_own_directory_is_the_same_run_and_elsewhere_a_branch(tm
 # In one process, real trainers: a branch gets its own W&B run; the sampler's state notices a changed dataset
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    from diffmoe_scale.parallel.runtime import init_runtime
-
-    return init_runtime()
-
-
 def trainer(runtime, out_dir: Path, *overrides: str):
     from diffmoe_scale.train.trainer import Trainer
 

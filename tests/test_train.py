@@ -25,13 +25,6 @@ DIGITS_CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    from diffmoe_scale.parallel.runtime import init_runtime
-
-    return init_runtime()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", DIGITS_CONFIGS)
 def test_each_ffn_kind_learns_digits(kind, runtime, tmp_path):
