@@ -63,7 +63,8 @@ def main(argv=None) -> int:
     stop = StopRequest()  # before any distributed start-up: from here on a stop signal asks for a save
     tie_to_launcher()
     # Heavy imports only once the config is known to be good.
-    from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime
+    from diffmoe_scale.parallel.launcher import exit_process
+    from diffmoe_scale.parallel.runtime import init_runtime, shutdown_runtime
     from diffmoe_scale.parallel.timeouts import EXIT_COLLECTIVE_FAILED, describe_collective_failure
     from diffmoe_scale.train.disk_space import SaveFailed
     from diffmoe_scale.train.run_lock import RunLockError, run_directory_lock

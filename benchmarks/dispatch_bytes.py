@@ -146,7 +146,8 @@ def worker(args) -> None:
     from diffmoe_scale.config import load_config
     from diffmoe_scale.parallel.collectives import all_gather_objects
     from diffmoe_scale.parallel.groups import setup_groups
-    from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime
+    from diffmoe_scale.parallel.launcher import exit_process
+    from diffmoe_scale.parallel.runtime import init_runtime, shutdown_runtime
 
     runtime = init_runtime()
     groups = setup_groups(load_config(REPO / "configs/digits_diffmoe_e4_flow.yaml", [f"parallel.ep={RANKS}"]))

@@ -16,7 +16,8 @@ from multiprocessing.connection import Client
 
 from diffmoe_scale.config import load_config
 from diffmoe_scale.parallel.collectives import barrier, broadcast_object, max_over_ranks
-from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime
+from diffmoe_scale.parallel.launcher import exit_process
+from diffmoe_scale.parallel.runtime import init_runtime, shutdown_runtime
 from diffmoe_scale.train.trainer import Trainer, peak_memory_mb
 
 

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from diffmoe_scale.cli import docstring_parser
 from diffmoe_scale.config import ConfigError
-from diffmoe_scale.train.checkpoint import (CONSOLIDATED, MANIFEST, SHARDED, code_version, consolidated_twin,
+from diffmoe_scale.train.checkpoint import (CONSOLIDATED, SHARDED, code_version, consolidated_twin,
                                             describe_layout, is_checkpoint, list_checkpoints, publish,
                                             read_ema_weights, read_manifest, verify)
 from diffmoe_scale.train.consolidation import write_consolidated

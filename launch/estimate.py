@@ -99,9 +99,10 @@ def print_measurements(estimated: dict, measured: list[dict]) -> None:
 
 def run_measurement(config, args) -> None:
     """Collective: every rank measures; rank 0 prints. Ends the process."""
-    from diffmoe_scale.estimate import measure
+    from diffmoe_scale.estimate_check import measure
     from diffmoe_scale.parallel.collectives import all_gather_objects
-    from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime
+    from diffmoe_scale.parallel.launcher import exit_process
+    from diffmoe_scale.parallel.runtime import init_runtime, shutdown_runtime
 
     runtime = init_runtime()
     if args.world_size not in (None, runtime.world_size):

@@ -73,7 +73,8 @@ def main(argv=None) -> int:
     from diffusers import AutoencoderKL
 
     from diffmoe_scale.parallel.collectives import broadcast_object, max_over_ranks
-    from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime
+    from diffmoe_scale.parallel.launcher import exit_process
+    from diffmoe_scale.parallel.runtime import init_runtime, shutdown_runtime
 
     runtime = init_runtime()
     classes, images = broadcast_object(list_image_folder(args.images) if runtime.is_main else None)

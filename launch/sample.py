@@ -224,7 +224,8 @@ def main(argv=None) -> int:
     tie_to_launcher()
     from diffmoe_scale.eval.sampling_run import Layout, sample_pools
     from diffmoe_scale.parallel.groups import setup_groups
-    from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime
+    from diffmoe_scale.parallel.launcher import exit_process
+    from diffmoe_scale.parallel.runtime import init_runtime, shutdown_runtime
 
     runtime = init_runtime()
     try:

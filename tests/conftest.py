@@ -13,7 +13,7 @@ import torch
 from filelock import FileLock
 from PIL import Image
 
-from tests.helpers import CLASSES, SIZES, clean_env
+from tests.helpers import CLASSES, SIZES, clean_env, train_and_export_ema
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,14 +80,8 @@ def vae_dir(tmp_path_factory) -> Path:
     return path
 
 
-def run_python(*args: str) -> None:
-    result = subprocess.run([sys.executable, *args], cwd=REPO, env=clean_env(), capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> Path:
+def trained(runtime, tmp_path_factory) -> Path:
     """A short digits run, its final checkpoint consolidated and its EMA exported to ema.safetensors; made once
     for all workers (the first to need it makes it while the others wait)."""
     shared = tmp_path_factory.getbasetemp()
@@ -96,13 +90,5 @@ def trained(tmp_path_factory) -> Path:
     out = shared / "trained_run"
     with FileLock(str(shared / "trained_run.lock")):
         if not (out / "ema.safetensors").is_file():
-            make_trained_run(out)
+            train_and_export_ema(runtime, "configs/digits_diffmoe_e4_flow.yaml", out, steps=30)
     return out
-
-
-def make_trained_run(out: Path) -> None:
-    run_python("pretrain_diffmoe.py", "--config", "configs/digits_diffmoe_e4_flow.yaml",
-               "--set", "train.max_steps=30", "--set", "train.global_batch_size=32", "--set", f"train.out_dir={out}",
-               "--set", "sample.steps=2", "--set", "sample.per_class=1")
-    run_python("launch/checkpoint.py", "export-ema", str(out / "checkpoints" / "step_00000030"),
-               "--out", str(out / "ema.safetensors"))

@@ -1,6 +1,9 @@
-"""What several test files need to start runs in subprocesses and read their outputs."""
+"""What several test files need to start runs in subprocesses or in this process, and read their outputs."""
+import contextlib
+import io
 import json
 import os
+import runpy
 from pathlib import Path
 
 from diffmoe_scale.parallel.runtime import environment_without_launcher as clean_env  # noqa: F401  (tests use it)
@@ -14,6 +17,34 @@ SIZES = [(20, 30), (48, 36), (33, 33), (70, 40)]  # odd, wide, tall, large
 # bf16 matmuls run about 50x slower than fp32 on a CPU without bf16 instructions (AVX2 only, as here): runs in
 # bf16 narrow the digits model, so that their time goes to what they test.
 NARROW = ("model.hidden_size=32", "model.num_heads=2")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch_tool(name: str, *args: str) -> str:
+    """launch/<name>.py run in this process (for the tools that start no process group: checkpoint, evaluate);
+    what it printed."""
+    main = runpy.run_path(str(REPO / "launch" / f"{name}.py"))["main"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(list(args))
+    assert code == 0, f"launch/{name}.py {' '.join(args)} exited {code}:\n{printed.getvalue()}"
+    return printed.getvalue()
+
+
+def train_and_export_ema(runtime, config: str, out: Path, steps: int) -> Path:
+    """`config` trained in this process for `steps` steps of batch 32 (its end-of-run grid drawn in 2 sampling
+    steps), and its last checkpoint's EMA exported (consolidated first) to out/ema.safetensors: returns that."""
+    from diffmoe_scale.config import load_config
+    from diffmoe_scale.train.trainer import Trainer
+
+    overrides = [f"train.max_steps={steps}", "train.global_batch_size=32", f"train.out_dir={out}", "sample.steps=2",
+                 "sample.per_class=1"]
+    assert Trainer(load_config(REPO / config, overrides), runtime).train() == 0
+    weights = out / "ema.safetensors"
+    launch_tool("checkpoint", "export-ema", str(out / "checkpoints" / f"step_{steps:08d}"), "--out", str(weights))
+    return weights
+
 
 FAKE_LAYOUT = {"world_size": 1, "tp": 1, "ep": 1, "zero_stage": 0, "precision": "fp32"}
 

@@ -17,7 +17,7 @@ from diffmoe_scale.config import ConfigError
 from diffmoe_scale.train import checkpoint
 from diffmoe_scale.train.checkpoint import MANIFEST, find_resumable, make_room_for, prune, verify
 from diffmoe_scale.train.stop import EXIT_PREEMPTED
-from tests.helpers import FAKE_LAYOUT, NARROW, clean_env, read_metrics, write_fake_checkpoint
+from tests.helpers import FAKE_LAYOUT, NARROW, clean_env, launch_tool, read_metrics, write_fake_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -82,13 +82,20 @@ def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def assert_same_run(ours: Path, straight: Path) -> None:
     """Step-by-step metrics and every tensor of the final checkpoint (weights, EMA, optimizer, RNG) equal."""
-    ours_metrics, straight_metrics = read_metrics(ours), read_metrics(straight)
-    assert [r["step"] for r in ours_metrics] == list(range(1, STEPS + 1))
-    for mine, theirs in zip(ours_metrics, straight_metrics):
+    assert_same_steps(read_metrics(ours), read_metrics(straight), STEPS)
+    final = f"checkpoints/step_{STEPS:08d}"
+    assert_same_checkpoint(ours / final, straight / final)
+
+
+def assert_same_steps(ours: list[dict], straight: list[dict], steps: int) -> None:
+    assert [r["step"] for r in ours] == list(range(1, steps + 1))
+    for mine, theirs in zip(ours, straight):
         for key in DETERMINED:
             assert mine.get(key) == theirs.get(key), f"step {mine['step']}: {key} {mine.get(key)} != {theirs.get(key)}"
-    final = f"checkpoints/step_{STEPS:08d}"
-    mine, theirs = checkpoint_tensors(ours / final), checkpoint_tensors(straight / final)
+
+
+def assert_same_checkpoint(ours: Path, straight: Path) -> None:
+    mine, theirs = checkpoint_tensors(ours), checkpoint_tensors(straight)
     assert mine.keys() == theirs.keys()
     different = [key for key in mine if not torch.equal(mine[key], theirs[key])]
     assert not different, f"{len(different)} of {len(mine)} tensors differ, e.g. {different[:5]}"
@@ -98,13 +105,14 @@ def resumed_step(output: str) -> int:
     return int(output.split(" at step ")[1].split()[0])
 
 
-def train_here(runtime, out_dir: Path, *overrides: str, resume: str = "auto", allow: tuple = ()) -> None:
+def train_here(runtime, out_dir: Path, *overrides: str, resume: str = "auto", allow: tuple = (),
+               expected: int = 0) -> None:
     """The trainer in this process, as `pretrain_diffmoe.py` runs it on one process (its config errors raised)."""
     from diffmoe_scale.config import load_config
     from diffmoe_scale.train.trainer import Trainer
 
     config = load_config(REPO / CONFIG, [*COMMON, f"train.out_dir={out_dir}", *overrides])
-    assert Trainer(config, runtime).train(resume, allow) == 0
+    assert Trainer(config, runtime).train(resume, allow) == expected
 
 
 @pytest.fixture(scope="module")
@@ -119,47 +127,54 @@ EP2_ZERO1_BF16 = (*EP2_ZERO1, "train.precision=bf16", *NARROW)
 
 
 @pytest.fixture(scope="module")
-def straight_ep2_runs(tmp_path_factory):
-    """Straight 2-rank runs by their overrides, each run once."""
-    runs = {}
-
-    def straight(overrides: tuple) -> Path:
-        if overrides not in runs:
-            runs[overrides] = tmp_path_factory.mktemp("straight_ep2")
-            run(command(runs[overrides], *overrides, nproc=2))
-        return runs[overrides]
-
-    return straight
+def straight_ep2(tmp_path_factory):
+    """A straight run on two ranks, EP=2 and ZeRO 1."""
+    out = tmp_path_factory.mktemp("straight_ep2")
+    run(command(out, *EP2_ZERO1, nproc=2))
+    return out
 
 
 @pytest.mark.slow
-def test_a_run_interrupted_in_every_way_in_turn_equals_a_straight_run(straight, tmp_path):
+def test_a_run_interrupted_in_every_way_in_turn_equals_a_straight_run(runtime, straight, tmp_path, capsys,
+                                                                      monkeypatch):
     """One run, stopped four times and rerun each time: a preemption notice (SIGUSR1) and SIGTERM (scancel)
     each save at the next step boundary and exit 75; SIGKILL between checkpoints loses the steps since the
     newest; SIGKILL in the middle of a save (its files written, its manifest not) leaves that checkpoint
     unused. Each rerun resumes from the newest complete checkpoint, and in the end every step's metrics and
-    every tensor of the final checkpoint equal those of a run that was never stopped."""
+    every tensor of the final checkpoint equal those of a run that was never stopped. The runs a signal
+    stops and the last one run in this process; the killed ones in their own."""
     checkpoints = tmp_path / "checkpoints"
-    output = run(command(tmp_path), EXIT_PREEMPTED, fault="SIGUSR1@step:3")
-    assert "stopped at step 3;" in output and "Traceback" not in output
+    monkeypatch.setenv("DIFFMOE_FAULT", "SIGUSR1@step:3")
+    train_here(runtime, tmp_path, expected=EXIT_PREEMPTED)
+    assert "stopped at step 3;" in capsys.readouterr().out
     assert [p.name for p in checkpoints.glob("step_*")] == ["step_00000003"]  # the stop's own save
-    output = run(command(tmp_path), EXIT_PREEMPTED, fault="SIGTERM@step:5")
-    assert resumed_step(output) == 3 and "stopped at step 5;" in output and "Traceback" not in output
+    monkeypatch.setenv("DIFFMOE_FAULT", "SIGTERM@step:5")
+    train_here(runtime, tmp_path, expected=EXIT_PREEMPTED)
+    output = capsys.readouterr().out
+    assert resumed_step(output) == 3 and "stopped at step 5;" in output
     assert (checkpoints / "step_00000005" / MANIFEST).is_file()
+    monkeypatch.delenv("DIFFMOE_FAULT")
     assert resumed_step(run(command(tmp_path), -signal.SIGKILL, fault="sigkill@step:7")) == 5
     assert resumed_step(run(command(tmp_path), -signal.SIGKILL, fault="sigkill@save:8")) == 5
     assert not (checkpoints / "step_00000008" / MANIFEST).exists()
-    assert resumed_step(run(command(tmp_path))) == 5
+    train_here(runtime, tmp_path)
+    assert resumed_step(capsys.readouterr().out) == 5
     assert_same_run(tmp_path, straight)
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_equals_straight_run_with_ep2_zero1_bf16(straight_ep2_runs, tmp_path):
-    """The production layout (EP, ZeRO 1, bf16 with fp32 masters, sharded EMA) killed between checkpoints."""
-    killed(command(tmp_path, *EP2_ZERO1_BF16, nproc=2), "sigkill@step:7")
-    output = run(command(tmp_path, *EP2_ZERO1_BF16, nproc=2))
+def test_sigkill_and_resume_equals_straight_run_with_ep2_zero1_bf16(tmp_path):
+    """The production layout (EP, ZeRO 1, bf16 with fp32 masters, sharded EMA) killed between checkpoints. Up to
+    its kill the run is a straight run: its step-8 checkpoint, set aside, is what the rerun from step 4 must
+    write again."""
+    killed(command(tmp_path, *EP2_ZERO1_BF16, nproc=2), "sigkill@step:10")
+    straight_metrics = [r for r in read_metrics(tmp_path) if r["step"] <= 8]
+    straight_checkpoint = tmp_path / "straight_step_8"
+    (tmp_path / "checkpoints" / "step_00000008").rename(straight_checkpoint)
+    output = run(command(tmp_path, *EP2_ZERO1_BF16, "train.max_steps=8", nproc=2))
     assert resumed_step(output) == 4
-    assert_same_run(tmp_path, straight_ep2_runs(EP2_ZERO1_BF16))
+    assert_same_steps(read_metrics(tmp_path), straight_metrics, 8)
+    assert_same_checkpoint(tmp_path / "checkpoints" / "step_00000008", straight_checkpoint)
 
 
 @pytest.mark.slow
@@ -309,18 +324,18 @@ def test_retention_and_the_same_step_cleanup_delete_only_what_they_can_read(tmp_
 
 
 @pytest.mark.slow
-def test_two_data_parallel_ranks_write_the_state_once(runtime, straight_ep2_runs, tmp_path):
+def test_two_data_parallel_ranks_write_the_state_once(runtime, straight_ep2, tmp_path):
     """The EMA is sharded as ZeRO shards the optimizer state: an EP=2 checkpoint on two data-parallel ranks
     writes at most 1.05x the bytes of one process's checkpoint of the same model at the same ZeRO stage (every
     rank wrote a whole EMA before). Its bit-exact resume: test_sigkill_and_resume_equals_straight_run_with_ep2."""
     one = tmp_path / "one"
-    train_here(runtime, one, *EP2_ZERO1_BF16[1:], "train.max_steps=8")
+    train_here(runtime, one, *EP2_ZERO1[1:], "train.max_steps=8")
 
     def written(run_dir: Path) -> int:
         manifest = json.loads((run_dir / "checkpoints" / "step_00000008" / MANIFEST).read_text())
         return sum(size for size, _ in manifest["files"].values())
 
-    assert written(straight_ep2_runs(EP2_ZERO1_BF16)) <= 1.05 * written(one)
+    assert written(straight_ep2) <= 1.05 * written(one)
 
 
 def test_flipped_byte_and_missing_manifest_make_a_checkpoint_unusable(tmp_path):
@@ -366,10 +381,6 @@ def test_retention_keeps_the_last_k_and_every_m(tmp_path):
     assert len(deleted) == 7
 
 
-def checkpoint_tool(*args: str) -> str:
-    return run([sys.executable, "launch/checkpoint.py", *args])
-
-
 def assert_continues(ours: Path, straight: Path, from_step: int) -> None:
     """The resumed steps' losses equal the straight run's up to float summation order."""
     mine = [r for r in read_metrics(ours) if r["step"] > from_step]
@@ -381,25 +392,24 @@ def assert_continues(ours: Path, straight: Path, from_step: int) -> None:
 
 
 @pytest.mark.slow
-def test_ep2_zero1_checkpoint_resumes_on_one_process_after_consolidation(runtime, straight_ep2_runs, tmp_path,
+def test_ep2_zero1_checkpoint_resumes_on_one_process_after_consolidation(runtime, straight_ep2, tmp_path,
                                                                          capsys):
-    straight = straight_ep2_runs(EP2_ZERO1)
     sharded = tmp_path / "checkpoints" / "step_00000008"
-    shutil.copytree(straight / "checkpoints" / sharded.name, sharded)  # a run directory that has reached step 8
+    shutil.copytree(straight_ep2 / "checkpoints" / sharded.name, sharded)  # a run directory that has reached step 8
     with pytest.raises(ConfigError, match=f"python launch/checkpoint.py consolidate {sharded}"):
         train_here(runtime, tmp_path)
-    assert "consolidated step 8" in checkpoint_tool("consolidate", str(sharded))
+    assert "consolidated step 8" in launch_tool("checkpoint", "consolidate", str(sharded))
     capsys.readouterr()
     train_here(runtime, tmp_path)
     assert f"resumed from {sharded}_consolidated at step 8" in capsys.readouterr().out
-    assert_continues(tmp_path, straight, 8)
+    assert_continues(tmp_path, straight_ep2, 8)
 
 
 @pytest.mark.slow
 def test_one_process_checkpoint_resumes_with_ep2_and_zero2(straight, tmp_path):
     sharded = tmp_path / "source" / "step_00000008"
     shutil.copytree(straight / "checkpoints" / sharded.name, sharded)
-    checkpoint_tool("consolidate", str(sharded))
+    launch_tool("checkpoint", "consolidate", str(sharded))
     # A new run directory started from another run's checkpoint, named explicitly.
     branch = tmp_path / "branch"
     run(command(branch, "parallel.ep=2", "parallel.zero_stage=2", nproc=2,
@@ -410,21 +420,21 @@ def test_one_process_checkpoint_resumes_with_ep2_and_zero2(straight, tmp_path):
 @pytest.mark.slow
 def test_tp2_checkpoint_resumes_on_one_process_after_consolidation(runtime, straight, tmp_path):
     run(command(tmp_path, "parallel.tp=2", "train.max_steps=8", nproc=2))
-    checkpoint_tool("consolidate", str(tmp_path / "checkpoints" / "step_00000008"))
+    launch_tool("checkpoint", "consolidate", str(tmp_path / "checkpoints" / "step_00000008"))
     train_here(runtime, tmp_path)
     assert_continues(tmp_path, straight, 8)
 
 
 @pytest.mark.slow
-def test_export_ema_gathers_every_shard_into_the_plain_model(straight_ep2_runs, tmp_path):
+def test_export_ema_gathers_every_shard_into_the_plain_model(straight_ep2, tmp_path):
     from safetensors.torch import load_file
 
     from diffmoe_scale.config import config_from_dict
     from diffmoe_scale.models import build_model
     from diffmoe_scale.train.ema_thresholds import load_ema_weights
 
-    sharded = straight_ep2_runs(EP2_ZERO1) / "checkpoints" / "step_00000008"
-    checkpoint_tool("export-ema", str(sharded), "--out", str(tmp_path / "ema.safetensors"))
+    sharded = straight_ep2 / "checkpoints" / "step_00000008"
+    launch_tool("checkpoint", "export-ema", str(sharded), "--out", str(tmp_path / "ema.safetensors"))
     exported = load_file(tmp_path / "ema.safetensors")
     manifest = json.loads((sharded / MANIFEST).read_text())
     model = build_model(config_from_dict(manifest["config"], "manifest"))

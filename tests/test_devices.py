@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from diffmoe_scale.config import load_config
 from diffmoe_scale.parallel import collectives
 from diffmoe_scale.parallel.runtime import cuda_device_index
-from tests.helpers import NARROW, clean_env, read_metrics
+from tests.helpers import NARROW, clean_env, launch_tool, read_metrics
 from tests.pretend_cuda import CUDA, DeviceMismatch, OnCuda, pretend_cuda
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,10 +99,10 @@ def run(command: list[str], timeout: int = 600) -> str:
     return output
 
 
-def train_command(out_dir: Path, *overrides: str, gpu: bool, nproc: int = 2, result: Path | None = None) -> list:
+def train_command(out_dir: Path, *overrides: str, gpu: bool, result: Path | None = None) -> list:
+    """Two ranks under torchrun, on the CPU or (`gpu`) on pretend GPUs."""
     script = ["tests/distributed/pretend_cuda_worker.py", str(result)] if gpu else ["pretrain_diffmoe.py"]
-    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
-    command += [*script, "--config", CONFIG]
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", *script, "--config", CONFIG]
     for override in (*TINY, f"train.out_dir={out_dir}", *overrides):
         command += ["--set", override]
     return command
@@ -117,10 +118,11 @@ def assert_reductions_in_fp32(collective_dtypes: dict) -> None:
 
 
 @pytest.mark.slow
-def test_gpu_run_continues_a_cpu_checkpoint_and_its_checkpoint_serves_a_cpu_only_machine(tmp_path):
+def test_gpu_run_continues_a_cpu_checkpoint_and_its_checkpoint_serves_a_cpu_only_machine(runtime, tmp_path, capsys):
     """EP=2, ZeRO 1, bf16: CPU ranks write step 2; pretend-GPU ranks resume it (CPU -> GPU), train to step 4,
-    save, sample and gather the consolidated state; then CPU-only processes consolidate the GPU-written
-    checkpoint, export its EMA, sample from it, and resume it on one process (GPU -> CPU, resharded)."""
+    save, sample and gather the consolidated state; then CPU-only processes (this one, and a sampling process)
+    consolidate the GPU-written checkpoint, export its EMA, sample from it, and resume it on one process
+    (GPU -> CPU, resharded)."""
     run_dir, layout = tmp_path / "run", ["parallel.ep=2", "parallel.zero_stage=1", "train.precision=bf16"]
     run(train_command(run_dir, *layout, "train.max_steps=2", gpu=False))
     result = tmp_path / "gpu.json"
@@ -133,16 +135,20 @@ def test_gpu_run_continues_a_cpu_checkpoint_and_its_checkpoint_serves_a_cpu_only
     with pytest.raises(RuntimeError, match="on a CUDA device"):  # written as a GPU writes it
         torch.load(gpu_checkpoint / "trainer_rank_00000.pt", weights_only=False)
 
-    run([sys.executable, "launch/checkpoint.py", "export-ema", str(gpu_checkpoint), "--out", str(tmp_path / "ema.st")])
+    launch_tool("checkpoint", "export-ema", str(gpu_checkpoint), "--out", str(tmp_path / "ema.st"))
     run([sys.executable, "launch/sample.py", "--weights", str(tmp_path / "ema.st"), "--out", str(tmp_path / "samples"),
          "--num-samples", "4", "--steps", "2", "--grid", "1"])
     with np.load(tmp_path / "samples" / "samples.npz") as data:
         assert data["arr_0"].shape == (4, 8, 8, 1)
     consolidated = gpu_checkpoint.with_name(gpu_checkpoint.name + "_consolidated")
     resharded = tmp_path / "resharded"
-    output = run(train_command(resharded, "parallel.zero_stage=1", "train.precision=bf16", "train.max_steps=5",
-                               gpu=False, nproc=1) + ["--resume", str(consolidated)])
-    assert f"resumed from {consolidated} at step 4" in output
+    config = load_config(REPO / CONFIG, [*TINY, f"train.out_dir={resharded}", "parallel.zero_stage=1",
+                                         "train.precision=bf16", "train.max_steps=5"])
+    from diffmoe_scale.train.trainer import Trainer
+
+    capsys.readouterr()
+    assert Trainer(config, runtime).train(str(consolidated)) == 0
+    assert f"resumed from {consolidated} at step 4" in capsys.readouterr().out
     assert [record["step"] for record in read_metrics(resharded)] == [5]
 
 

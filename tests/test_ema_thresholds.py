@@ -1,7 +1,6 @@
 """The EMA model's DiffMoE thresholds (`sample.thresholds`): copied from the trained model, averaged
 with the weights' decay (the DiffMoE authors' EMA), or calibrated on the EMA weights' own capacity
 predictor. In process, on a short digits run of the real trainer."""
-import runpy
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 from diffmoe_scale.config import ConfigError, load_config
 from diffmoe_scale.models import build_model
 from diffmoe_scale.train.ema_thresholds import averaged_name, load_ema_weights
+from tests.helpers import launch_tool
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/digits_diffmoe_e4_flow.yaml"
@@ -91,15 +91,14 @@ def test_resume_and_consolidation_keep_the_averaged_thresholds_bit_exact(runtime
     for name, average in saved.items():
         assert torch.equal(resumed.ema.buffer_averages[name], average), name
 
-    checkpoint_tool = runpy.run_path(str(REPO / "launch" / "checkpoint.py"))["main"]
-    assert checkpoint_tool(["consolidate", str(sharded)]) == 0
+    launch_tool("checkpoint", "consolidate", str(sharded))
     consolidated = sharded.with_name(sharded.name + "_consolidated")
     from_consolidated = trainer_for(runtime, tmp_path / "other")
     from_consolidated.resume(str(consolidated))
     for name, average in saved.items():
         assert torch.equal(from_consolidated.ema.buffer_averages[name], average), name
 
-    assert checkpoint_tool(["export-ema", str(sharded), "--out", str(tmp_path / "ema.safetensors")]) == 0
+    launch_tool("checkpoint", "export-ema", str(sharded), "--out", str(tmp_path / "ema.safetensors"))
     weights = load_file(tmp_path / "ema.safetensors")  # what launch/sample.py reads
     model = build_model(trainer.config)
     load_ema_weights(model, weights, "average")

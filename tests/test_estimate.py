@@ -18,8 +18,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffmoe_scale.config import load_config
-from diffmoe_scale.estimate import (MODEL_STATE_KINDS, PRECISION_BYTES, activation_bytes, estimate,
-                                    forward_activation_bytes, layout_of)
+from diffmoe_scale.estimate import MODEL_STATE_KINDS, PRECISION_BYTES, activation_bytes, estimate, layout_of
+from diffmoe_scale.estimate_check import forward_activation_bytes
 from diffmoe_scale.models import build_model
 from tests.helpers import clean_env
 
@@ -65,7 +65,7 @@ def test_activations_match_what_the_forward_keeps(path, overrides, precision, at
 
 @pytest.mark.parametrize("zero_stage", [0, 1])
 def test_one_process_model_state_matches_the_engine(zero_stage, runtime, tmp_path):
-    from diffmoe_scale.estimate import measure
+    from diffmoe_scale.estimate_check import measure
 
     config = load_config(REPO / DIGITS, [f"parallel.zero_stage={zero_stage}", "train.global_batch_size=32",
                                          f"train.out_dir={tmp_path}"])

@@ -4,7 +4,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from diffmoe_scale.eval.digits_classifier import class_accuracy, digit_fid, split_digits, train_digit_classifier
+from diffmoe_scale.eval import digits_classifier
+from diffmoe_scale.eval.digits_classifier import cached_digit_classifier, class_accuracy, digit_fid, split_digits
 from diffmoe_scale.eval.fid import feature_statistics, frechet_distance
 
 
@@ -37,7 +38,7 @@ def test_statistics_need_two_vectors():
 
 @pytest.fixture(scope="module")
 def classifier():
-    return train_digit_classifier(seed=0)
+    return cached_digit_classifier(seed=0)  # as the evaluators have it: trained here or read from the cache
 
 
 def test_digit_classifier_recognises_held_out_digits(classifier):
@@ -53,3 +54,18 @@ def test_digit_fid_is_near_zero_for_real_digits_and_large_for_noise(classifier):
     real, noisy = digit_fid(model, train_images, held_out), digit_fid(model, noise, held_out)
     assert real < 0.02 * noisy
     assert noisy > 100
+
+
+def test_the_classifier_is_trained_once_then_read_and_trained_again_when_its_file_is_torn(tmp_path, monkeypatch):
+    model, accuracy = cached_digit_classifier(epochs=1, cache=tmp_path)
+    (kept,) = tmp_path.glob("digit_classifier_*.pt")
+    train = digits_classifier.train_digit_classifier
+    monkeypatch.setattr(digits_classifier, "train_digit_classifier", lambda *args: pytest.fail("trained again"))
+    read, read_accuracy = cached_digit_classifier(epochs=1, cache=tmp_path)
+    assert read_accuracy == accuracy
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), read.state_dict().values()))
+    kept.write_bytes(kept.read_bytes()[:1000])
+    monkeypatch.setattr(digits_classifier, "train_digit_classifier", train)
+    assert cached_digit_classifier(epochs=1, cache=tmp_path)[1] == accuracy  # deterministic for a seed
+    assert cached_digit_classifier(epochs=2, cache=tmp_path)  # another recipe, another file
+    assert len(list(tmp_path.glob("digit_classifier_*.pt"))) == 2 and kept.stat().st_size > 1000

@@ -66,9 +66,8 @@ def test_extracted_latents_are_the_vae_encoding_of_the_cropped_images(image_fold
 
 
 @pytest.mark.slow
-def test_two_ranks_write_what_one_does_and_a_lost_shard_is_redone(image_folder, vae_dir, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    extract(image_folder, vae_dir, one)
+def test_two_ranks_write_what_one_does_and_a_lost_shard_is_redone(image_folder, vae_dir, latents_dir, tmp_path):
+    one, two = latents_dir, tmp_path / "two"  # latents_dir: the same extraction on one rank
     extract(image_folder, vae_dir, two, nproc=2)
     assert all(np.array_equal(a, b) for a, b in zip(shards(one), shards(two), strict=True))
     (two / shard_name(1)).unlink()

@@ -14,7 +14,7 @@ import torch
 
 from diffmoe_scale.data import load_digits_images
 from diffmoe_scale.eval.fid import feature_statistics, frechet_distance, inception_score
-from tests.helpers import clean_env
+from tests.helpers import clean_env, launch_tool, train_and_export_ema
 
 REPO = Path(__file__).resolve().parents[1]
 # The trained thresholds: after the 30 steps of `trained` their average (the default) still holds mostly the
@@ -113,7 +113,7 @@ def real_digits_npz(path: Path) -> Path:
 
 
 def test_evaluate_scores_real_digits_as_real(tmp_path):
-    output = run("launch/evaluate.py", str(real_digits_npz(tmp_path / "real.npz")), "--digits")
+    output = launch_tool("evaluate", str(real_digits_npz(tmp_path / "real.npz")), "--digits")
     scores = json.loads(output.strip().splitlines()[-1])
     assert scores["num_images"] == 1797 and scores["digit_accuracy"] > 0.97 and scores["digit_fid"] < 5
 
@@ -134,10 +134,10 @@ def test_evaluate_computes_fid_and_inception_score_from_a_network_file(tmp_path)
     real = rng.integers(0, 256, (300, 16, 16, 3), dtype=np.uint8)
     fake = (rng.integers(0, 200, (200, 16, 16, 3))).astype(np.uint8)
     labels = np.zeros(len(fake), dtype=np.int64)
-    run("launch/evaluate.py", str(write_npz(tmp_path / "real.npz", real, labels[:1])), "--inception", str(network),
-        "--write-reference", str(tmp_path / "ref.npz"))
-    output = run("launch/evaluate.py", str(write_npz(tmp_path / "fake.npz", fake, labels)), "--inception",
-                 str(network), "--reference", str(tmp_path / "ref.npz"))
+    launch_tool("evaluate", str(write_npz(tmp_path / "real.npz", real, labels[:1])), "--inception", str(network),
+                "--write-reference", str(tmp_path / "ref.npz"))
+    output = launch_tool("evaluate", str(write_npz(tmp_path / "fake.npz", fake, labels)), "--inception",
+                         str(network), "--reference", str(tmp_path / "ref.npz"))
     scores = json.loads(output.strip().splitlines()[-1])
     net = StandInInception()
     features = {name: net(torch.from_numpy(x).permute(0, 3, 1, 2)).double().numpy() for name, x in
@@ -148,12 +148,8 @@ def test_evaluate_computes_fid_and_inception_score_from_a_network_file(tmp_path)
     assert scores["inception_score"] == pytest.approx(inception_score(probabilities), rel=1e-6)
 
 
-def test_ddpm_checkpoint_samples_with_ancestral_and_ddim(tmp_path):
-    run("pretrain_diffmoe.py", "--config", "configs/digits_diffmoe_e4_ddpm.yaml", "--set", "train.max_steps=10",
-        "--set", "train.global_batch_size=32", "--set", f"train.out_dir={tmp_path}", "--set", "sample.steps=2",
-        "--set", "sample.per_class=1")
-    weights = tmp_path / "ema.safetensors"
-    run("launch/checkpoint.py", "export-ema", str(tmp_path / "checkpoints" / "step_00000010"), "--out", str(weights))
+def test_ddpm_checkpoint_samples_with_ancestral_and_ddim(runtime, tmp_path):
+    weights = train_and_export_ema(runtime, "configs/digits_diffmoe_e4_ddpm.yaml", tmp_path, steps=10)
     for sampler in ("ancestral", "ddim"):
         run("launch/sample.py", "--weights", str(weights), "--out", str(tmp_path / sampler), "--num-samples", "20",
             "--steps", "4", "--sampler", sampler)

@@ -69,16 +69,21 @@ def test_site_settings_come_from_environment_variables(cluster, tmp_path):
         assert {key: fields[job].get(key) for key in wanted} == wanted
 
 
-def straight_run(out_dir: Path) -> list[dict]:
-    """The same training without Slurm or preemption: torchrun, two ranks, one thread each."""
+def start_straight_run(out_dir: Path) -> subprocess.Popen:
+    """The same training without Slurm or preemption: torchrun, two ranks, one thread each. It runs beside the
+    job (whose requeue leaves the cores idle for a while); its numbers do not depend on the company."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "pretrain_diffmoe.py", "--config", "configs/digits_diffmoe_e4_flow.yaml",
                "--set", f"train.out_dir={out_dir}"]
     for override in OVERRIDES:
         command += ["--set", override]
-    result = subprocess.run(command, cwd=REPO, env={**clean_env(), "OMP_NUM_THREADS": "1"}, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return subprocess.Popen(command, cwd=REPO, env={**clean_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def straight_metrics(proc: subprocess.Popen, out_dir: Path) -> list[dict]:
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output[-6000:]
     return read_metrics(out_dir)
 
 
@@ -90,6 +95,7 @@ def last_step(run_dir: Path) -> int:
 
 def test_l_e8_recipe_is_preempted_requeues_resumes_and_matches_a_straight_run(cluster, tmp_path):
     run_dir, log_dir = tmp_path / "run", tmp_path / "logs"
+    straight = start_straight_run(tmp_path / "straight")
     job = submit_recipe(client_env(
         cluster, NODES="2", TASKS_PER_NODE="1", GPUS_PER_NODE="0", CPUS_PER_TASK="1", TIME="15", SIGNAL_LEAD="60",
         CONFIG="configs/digits_diffmoe_e4_flow.yaml", RUN_DIR=str(run_dir), LOG_DIR=str(log_dir),
@@ -115,7 +121,7 @@ def test_l_e8_recipe_is_preempted_requeues_resumes_and_matches_a_straight_run(cl
                      "2 ranks (srun)", "== tasks exited with status 0"):
         assert expected in output, f"{expected!r} not in the job log:\n{output}"
 
-    resumed, straight = read_metrics(run_dir), straight_run(tmp_path / "straight")
+    resumed, straight = read_metrics(run_dir), straight_metrics(straight, tmp_path / "straight")
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
     for ours, theirs in zip(resumed, straight):
         for key in DETERMINED:
@@ -176,8 +182,8 @@ def test_a_rank_that_exits_with_an_error_ends_the_step(cluster, tmp_path):
 def test_a_rank_that_saved_after_a_stop_requeues_even_if_srun_reports_another_killed(cluster, tmp_path):
     # Task 0 saved and exits 75; task 1 is still busy when srun ends the step (kill-on-bad-exit), so srun reports
     # the killed task's status, not 75: the rank's own report decides. The second start completes.
-    report = (f'{shlex.quote(sys.executable)} -c "import sys; sys.path.insert(0, {str(REPO)!r}); '
-              f'from diffmoe_scale.parallel.launcher import report_exit_status; report_exit_status(75)"')
+    report = (f'{shlex.quote(sys.executable)} -c "from diffmoe_scale.parallel.launcher import report_exit_status; '
+              f'report_exit_status(75)"')
     job, log = run_lib_sh(cluster, tmp_path, f'if [ "${{SLURM_RESTART_COUNT:-0}}" -ge 1 ]; then exit 0; fi; '
                                              f'if [ "$SLURM_PROCID" = 0 ]; then {report}; exit 75; fi; exec sleep 600')
     cluster.wait_for(job, lambda state: state.restarts >= 1 or state.finished, timeout=180)

@@ -111,15 +111,15 @@ def test_missing_latents_are_a_config_error_before_training(tmp_path):
 
 
 @pytest.mark.slow
-def test_wandb_offline_run_holds_the_metrics_and_keeps_its_id_across_a_resume(tmp_path):
+def test_wandb_offline_run_holds_the_metrics_and_keeps_its_id_across_a_resume(runtime, tmp_path):
+    from diffmoe_scale.train.trainer import Trainer
     from tests.helpers import wandb_records
 
-    common = ["--config", "configs/digits_diffmoe_e4_flow.yaml", "--set", "logging.wandb=true",
-              "--set", "logging.every_steps=5", "--set", "checkpoint.every_steps=10", "--set", f"train.out_dir={tmp_path}",
-              "--set", "train.global_batch_size=32", "--set", "sample.steps=2", "--set", "sample.per_class=1"]
+    common = ["logging.wandb=true", "logging.every_steps=5", "checkpoint.every_steps=10", f"train.out_dir={tmp_path}",
+              "train.global_batch_size=32", "sample.steps=2", "sample.per_class=1"]
     for steps in (10, 20):
-        result = run_cli(*common, "--set", f"train.max_steps={steps}")
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        config = load_config(REPO / "configs/digits_diffmoe_e4_flow.yaml", [*common, f"train.max_steps={steps}"])
+        assert Trainer(config, runtime).train() == 0
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({run.name.rsplit("-", 1)[1] for run in runs}) == 1  # one id, two starts
     histories = [[r.history for r in wandb_records(next(run.glob("run-*.wandb"))) if r.HasField("history")]

@@ -1,9 +1,16 @@
 """A small CNN trained on the real digits: its penultimate activations are the features of the
-"digit FID", and its predictions score whether class-conditional samples show the asked-for digit."""
+"digit FID", and its predictions score whether class-conditional samples show the asked-for digit.
+Training it takes 10-15 s of CPU; each machine trains it once and keeps it in its cache directory."""
+import hashlib
+import os
+from pathlib import Path
+
 import torch
+from filelock import FileLock
 from torch import nn
 
 from ..data import load_digits_images
+from ..data.digits import digits_file
 from .fid import feature_statistics, frechet_distance
 
 FEATURES = 64
@@ -49,6 +56,52 @@ def train_digit_classifier(seed: int = 0, epochs: int = 30) -> tuple[DigitClassi
             optimizer.step()
     model.eval()
     return model, class_accuracy(model, held_x, held_y)
+
+
+def cache_directory() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffmoe_scale"
+
+
+def cached_digit_classifier(seed: int = 0, epochs: int = 30, cache: Path | None = None) -> tuple[DigitClassifier, float]:
+    """`train_digit_classifier(seed, epochs)`, trained once and then read from a file in `cache` (default:
+    `cache_directory()`) named by a digest of all the training reads: this file's code, the digits, torch's
+    version, the seed and the epochs. Processes that want it at once train it once (a file lock); a cache file
+    that does not read back is trained again, and where nothing can be written it is trained every time."""
+    recipe = Path(__file__).read_bytes() + digits_file().read_bytes() + f"{torch.__version__} {seed} {epochs}".encode()
+    path = (cache or cache_directory()) / f"digit_classifier_{hashlib.sha256(recipe).hexdigest()[:16]}.pt"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(f"{path}.lock")
+        lock.acquire()
+    except OSError:  # nowhere to keep it
+        return train_digit_classifier(seed, epochs)
+    try:
+        found = _read_classifier(path)
+        if found is None:
+            found = train_digit_classifier(seed, epochs)
+            _keep_classifier(path, *found)
+        return found
+    finally:
+        lock.release()
+
+
+def _read_classifier(path: Path) -> tuple[DigitClassifier, float] | None:
+    try:
+        saved = torch.load(path, weights_only=True)
+        model = DigitClassifier()
+        model.load_state_dict(saved["weights"])
+        return model.eval(), saved["held_out_accuracy"]
+    except Exception:  # missing, or not a whole file as _keep_classifier writes it
+        return None
+
+
+def _keep_classifier(path: Path, model: DigitClassifier, held_out_accuracy: float) -> None:
+    written = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save({"weights": model.state_dict(), "held_out_accuracy": held_out_accuracy}, written)
+        os.replace(written, path)  # whole or not at all
+    except OSError:
+        written.unlink(missing_ok=True)
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from ..data import load_digits_images
-from .digits_classifier import class_accuracy, digit_fid, train_digit_classifier
+from .digits_classifier import cached_digit_classifier, class_accuracy, digit_fid
 from .fid import feature_statistics, frechet_distance, inception_score, load_statistics
 
 
@@ -33,7 +33,7 @@ class DigitsEvaluator:
     CHANNELS, SIZE = 1, 8
 
     def __init__(self, seed: int = 0):
-        self.model, self.classifier_accuracy = train_digit_classifier(seed)
+        self.model, self.classifier_accuracy = cached_digit_classifier(seed)
         self.reference = load_digits_images()[0]
 
     def __call__(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -1,5 +1,6 @@
 """A rank and the launcher that started it, before any distributed start-up: which launcher it is (from the
-environment alone), stopping when the launcher dies, and telling launch/supervise.py its pid and exit status.
+environment alone), stopping when the launcher dies, and telling launch/supervise.py its pid and exit status
+(`exit_process`, every rank's way out).
 
 Stopping with the launcher uses Linux's prctl(PR_SET_PDEATHSIG, SIGTERM): the kernel sends the rank SIGTERM
 the moment its parent exits, however it died (killed by a signal it does not handle, such as torchrun by
@@ -76,3 +77,17 @@ def report_exit_status(code: int) -> None:
         written.replace(Path(directory, f"exit_{os.getpid()}"))
     except OSError:
         pass  # the directory went away: the launcher's own status is all there is
+
+
+def exit_process(code: int) -> None:
+    """Leave without interpreter teardown, once everything is written and the groups are shut down.
+
+    At teardown the process groups' C++ threads are destroyed in no set order, and now and then a
+    rank that finished cleanly dies of SIGABRT ("terminate called without an active exception")."""
+    report_exit_status(code)
+    mpi = sys.modules.get("mpi4py.MPI")  # started by mpirun: MPI wants its finalize before exit
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

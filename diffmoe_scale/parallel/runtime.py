@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .launcher import SUPERVISOR_DIR, launcher_in_environment, report_exit_status
+from .launcher import SUPERVISOR_DIR, launcher_in_environment
 
 
 @dataclass
@@ -178,17 +178,3 @@ def shutdown_runtime() -> None:
         deepspeed.comm.destroy_process_group()
     if "megatron.core.parallel_state" in sys.modules:
         sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
-
-
-def exit_process(code: int) -> None:
-    """Leave without interpreter teardown, once everything is written and the groups are shut down.
-
-    At teardown the process groups' C++ threads are destroyed in no set order, and now and then a
-    rank that finished cleanly dies of SIGABRT ("terminate called without an active exception")."""
-    report_exit_status(code)
-    mpi = sys.modules.get("mpi4py.MPI")  # started by mpirun: MPI wants its finalize before exit
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        mpi.Finalize()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

@@ -23,7 +23,8 @@ from diffmoe_scale.models import DiT
 from diffmoe_scale.parallel import compile as compile_module
 from diffmoe_scale.parallel.collectives import all_gather
 from diffmoe_scale.parallel.engine import grad_square_sums
-from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime
+from diffmoe_scale.parallel.launcher import exit_process
+from diffmoe_scale.parallel.runtime import init_runtime, shutdown_runtime
 from diffmoe_scale.parallel.sampling import sample_distributed
 from diffmoe_scale.train.trainer import Trainer, capacity_stats, mean_over_ranks
 from gather import full_state, gathered_state  # beside this file

@@ -16,7 +16,8 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
 from diffmoe_scale.config import load_config  # noqa: E402
-from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime  # noqa: E402
+from diffmoe_scale.parallel.launcher import exit_process  # noqa: E402
+from diffmoe_scale.parallel.runtime import init_runtime, shutdown_runtime  # noqa: E402
 from tests.pretend_cuda import pretend_cuda  # noqa: E402
 
 

@@ -4,7 +4,7 @@ import os
 import time
 
 from diffmoe_scale.parallel.launcher import tie_to_launcher
-from diffmoe_scale.parallel.runtime import exit_process
+from diffmoe_scale.parallel.launcher import exit_process
 from diffmoe_scale.train.stop import StopRequest
 
 stop = StopRequest()

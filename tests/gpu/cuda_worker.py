@@ -14,7 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from diffmoe_scale.config import load_config
-from diffmoe_scale.parallel.runtime import exit_process, init_runtime, shutdown_runtime
+from diffmoe_scale.parallel.launcher import exit_process
+from diffmoe_scale.parallel.runtime import init_runtime, shutdown_runtime
 
 
 class CollectivesOnCuda(TorchDispatchMode):
