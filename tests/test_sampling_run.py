@@ -81,6 +81,7 @@ def test_more_samples_extend_fewer_and_a_shard_torn_between_ranks_is_redone(tmp_
     assert complete_pools([(0, 8), (8, 12)], 12, 8) == ({0, 1}, [])
     assert complete_pools([(0, 8), (8, 12)], 20, 8) == ({0}, [(8, 12)])
     assert complete_pools([(0, 4), (8, 16)], 16, 8) == ({1}, [(0, 4)])  # rank 1 of pool 0 never wrote
+    assert complete_pools([(4, 8), (8, 16)], 16, 8) == ({1}, [(4, 8)])  # rank 0 of pool 0 never wrote
     more = StandInSampler()
     assert run(tmp_path, more, num_samples=20) == 0
     assert more.calls == [(8, 8), (16, 8)]

@@ -207,3 +207,20 @@ def test_nan_steps_are_skipped_and_a_streak_saves_and_stops(zero_stage, precisio
     assert (tmp_path / "checkpoints" / "step_00000012" / "manifest.json").is_file()
     assert trainer.health.skipped_steps == 5 and trainer.health.in_a_row == 3
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1], ids=["own-clipping", "zero1"])
+def test_a_step_with_a_finite_loss_and_an_infinite_gradient_is_skipped(zero_stage, runtime, tmp_path):
+    """Gradients that overflow while the loss stays finite (reduced precision's failure): the norm decides."""
+    from diffmoe_scale.train.trainer import Trainer
+
+    config = load_config(REPO / "configs/digits_diffmoe_e4_flow.yaml", [
+        "train.max_steps=4", "logging.every_steps=1", f"train.out_dir={tmp_path}", "train.global_batch_size=32",
+        f"parallel.zero_stage={zero_stage}", "checkpoint.every_steps=0", *NARROW])
+    trainer = Trainer(config, runtime)
+    param = next(trainer.model.parameters())
+    param.register_hook(lambda grad: grad * float("inf") if trainer.step + 1 == 3 else grad)
+    assert trainer.train() == 0
+    records = {r["step"]: r for r in read_metrics(tmp_path)}
+    assert [records[s]["skipped_steps"] for s in (2, 3, 4)] == [0, 1, 1] and math.isfinite(records[3]["loss"])
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
