@@ -62,7 +62,8 @@ def cache_directory() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffmoe_scale"
 
 
-def cached_digit_classifier(seed: int = 0, epochs: int = 30, cache: Path | None = None) -> tuple[DigitClassifier, float]:
+def cached_digit_classifier(seed: int = 0, epochs: int = 30,
+                            cache: Path | None = None) -> tuple[DigitClassifier, float]:
     """`train_digit_classifier(seed, epochs)`, trained once and then read from a file in `cache` (default:
     `cache_directory()`) named by a digest of all the training reads: this file's code, the digits, torch's
     version, the seed and the epochs. Processes that want it at once train it once (a file lock); a cache file
