@@ -11,6 +11,7 @@ from torch import nn
 
 from ..data import load_digits_images
 from ..data.digits import digits_file
+from ..train.checkpoint import atomic_torch_save
 from .fid import feature_statistics, frechet_distance
 
 FEATURES = 64
@@ -88,7 +89,7 @@ def cached_digit_classifier(seed: int = 0, epochs: int = 30,
 
 def _read_classifier(path: Path) -> tuple[DigitClassifier, float] | None:
     try:
-        saved = torch.load(path, weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
         model = DigitClassifier()
         model.load_state_dict(saved["weights"])
         return model.eval(), saved["held_out_accuracy"]
@@ -97,12 +98,10 @@ def _read_classifier(path: Path) -> tuple[DigitClassifier, float] | None:
 
 
 def _keep_classifier(path: Path, model: DigitClassifier, held_out_accuracy: float) -> None:
-    written = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save({"weights": model.state_dict(), "held_out_accuracy": held_out_accuracy}, written)
-        os.replace(written, path)  # whole or not at all
+        atomic_torch_save({"weights": model.state_dict(), "held_out_accuracy": held_out_accuracy}, path)
     except OSError:
-        written.unlink(missing_ok=True)
+        pass  # a cache that cannot be written: it is trained again next time
 
 
 @torch.no_grad()
