@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -120,9 +119,8 @@ def assert_reductions_in_fp32(collective_dtypes: dict) -> None:
 @pytest.mark.slow
 def test_gpu_run_continues_a_cpu_checkpoint_and_its_checkpoint_serves_a_cpu_only_machine(runtime, tmp_path, capsys):
     """EP=2, ZeRO 1, bf16: CPU ranks write step 2; pretend-GPU ranks resume it (CPU -> GPU), train to step 4,
-    save, sample and gather the consolidated state; then CPU-only processes (this one, and a sampling process)
-    consolidate the GPU-written checkpoint, export its EMA, sample from it, and resume it on one process
-    (GPU -> CPU, resharded)."""
+    save, sample and gather the consolidated state; then this CPU-only process consolidates the GPU-written
+    checkpoint, exports its EMA and resumes it on one process (GPU -> CPU, resharded)."""
     run_dir, layout = tmp_path / "run", ["parallel.ep=2", "parallel.zero_stage=1", "train.precision=bf16"]
     run(train_command(run_dir, *layout, "train.max_steps=2", gpu=False))
     result = tmp_path / "gpu.json"
@@ -135,11 +133,8 @@ def test_gpu_run_continues_a_cpu_checkpoint_and_its_checkpoint_serves_a_cpu_only
     with pytest.raises(RuntimeError, match="on a CUDA device"):  # written as a GPU writes it
         torch.load(gpu_checkpoint / "trainer_rank_00000.pt", weights_only=False)
 
-    launch_tool("checkpoint", "export-ema", str(gpu_checkpoint), "--out", str(tmp_path / "ema.st"))
-    run([sys.executable, "launch/sample.py", "--weights", str(tmp_path / "ema.st"), "--out", str(tmp_path / "samples"),
-         "--num-samples", "4", "--steps", "2", "--grid", "1"])
-    with np.load(tmp_path / "samples" / "samples.npz") as data:
-        assert data["arr_0"].shape == (4, 8, 8, 1)
+    # safetensors keep no device: what sampling reads from the export is what any export holds (test_sample.py).
+    launch_tool("checkpoint", "export-ema", str(gpu_checkpoint), "--out", str(tmp_path / "ema.safetensors"))
     consolidated = gpu_checkpoint.with_name(gpu_checkpoint.name + "_consolidated")
     resharded = tmp_path / "resharded"
     config = load_config(REPO / CONFIG, [*TINY, f"train.out_dir={resharded}", "parallel.zero_stage=1",

@@ -148,11 +148,11 @@ def test_evaluate_computes_fid_and_inception_score_from_a_network_file(tmp_path)
     assert scores["inception_score"] == pytest.approx(inception_score(probabilities), rel=1e-6)
 
 
-def test_ddpm_checkpoint_samples_with_ancestral_and_ddim(runtime, tmp_path):
+def test_ddpm_checkpoint_samples_with_the_sampler_asked_for(runtime, tmp_path):
+    # The run's end-of-run grid drew with DDPM's default sampler (ancestral); sample.py takes DDIM when asked.
     weights = train_and_export_ema(runtime, "configs/digits_diffmoe_e4_ddpm.yaml", tmp_path, steps=10)
-    for sampler in ("ancestral", "ddim"):
-        run("launch/sample.py", "--weights", str(weights), "--out", str(tmp_path / sampler), "--num-samples", "20",
-            "--steps", "4", "--sampler", sampler)
-        images, labels = samples(tmp_path / sampler)
-        assert images.shape == (20, 8, 8, 1) and len(np.unique(images.reshape(20, -1), axis=0)) == 20
-        assert json.loads((tmp_path / sampler / "sampling.json").read_text())["sampler"] == sampler
+    run("launch/sample.py", "--weights", str(weights), "--out", str(tmp_path / "ddim"), "--num-samples", "20",
+        "--steps", "4", "--sampler", "ddim")
+    images, labels = samples(tmp_path / "ddim")
+    assert images.shape == (20, 8, 8, 1) and len(np.unique(images.reshape(20, -1), axis=0)) == 20
+    assert json.loads((tmp_path / "ddim" / "sampling.json").read_text())["sampler"] == "ddim"

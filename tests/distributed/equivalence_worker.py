@@ -6,8 +6,8 @@ with "consolidation" also its checkpoint and the whole state its ranks gather (t
     torchrun --nproc_per_node 2 tests/distributed/equivalence_worker.py OUT_DIR CASES.json --config C
 
 CASES.json: [{"name": N, "overrides": ["parallel.ep=2", ...], "consolidation": false,
-"checkpoint_dir": null, "compile_backend": "inductor"}, ...]; each case writes OUT_DIR/N.pt (compile_backend: of
-train.compile). Each case gets DeepSpeed expert groups of its own layout (DeepSpeed caches them per process by
+"checkpoint_dir": null, "compile_backend": "inductor", "sampling": true}, ...]; each case writes OUT_DIR/N.pt
+(compile_backend: of train.compile; sampling: from the EMA, after the steps). Each case gets DeepSpeed expert groups of its own layout (DeepSpeed caches them per process by
 EP size only); a tensor-parallel case goes last (its megatron-core groups stay).
 """
 import argparse
@@ -82,6 +82,14 @@ def save_and_reload(trainer, directory: str) -> list[str]:
     return sorted(path.name for path in (Path(directory) / "step3").iterdir())
 
 
+def sample(ema_model, trainer, config):
+    for layer in ema_model.moe_layers():  # mid-range thresholds: experts take different token counts
+        layer.thresholds.fill_(0.5)
+    labels = torch.arange(8) % config.model.num_classes
+    noise = torch.randn(8, config.model.in_channels, 8, 8, generator=torch.Generator().manual_seed(5))
+    return sample_distributed(ema_model, trainer.objective, config.sample, trainer.groups, labels, noise)
+
+
 def run_case(trainer, config, case: dict) -> dict:
     record = {"loss": [], "grad_norm": [], "world_size": trainer.groups.world_size}
     tokens_per_micro = (config.train.global_batch_size // trainer.groups.dp_size // config.train.grad_accum_steps
@@ -111,12 +119,8 @@ def run_case(trainer, config, case: dict) -> dict:
         record["gathered"] = gathered_state(trainer)
     ema_model = trainer.filled_ema_model()
     record["ema"] = full_state(ema_model, trainer.groups)  # the EMA is sharded as the masters: put back whole
-    for layer in ema_model.moe_layers():  # mid-range thresholds: experts take different token counts
-        layer.thresholds.fill_(0.5)
-    labels = torch.arange(8) % config.model.num_classes
-    noise = torch.randn(8, config.model.in_channels, 8, 8, generator=torch.Generator().manual_seed(5))
-    record["samples"], record["sample_c_avg"] = sample_distributed(ema_model, trainer.objective, config.sample,
-                                                                   trainer.groups, labels, noise)
+    if case.get("sampling", True):
+        record["samples"], record["sample_c_avg"] = sample(ema_model, trainer, config)
     if case.get("checkpoint_dir"):
         record["checkpoint_files_dir"] = case["checkpoint_dir"]
         record["checkpoint_files"] = save_and_reload(trainer, case["checkpoint_dir"])
