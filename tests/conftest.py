@@ -41,7 +41,7 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     """Files with more slow tests first, so that the workers (pyproject.toml) end about together: a long
-    file handed out last would leave the other worker idle."""
+    file handed out last would leave the other workers idle."""
     slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
     items.sort(key=lambda item: -slow[item.path])
 
