@@ -7,8 +7,9 @@ with "consolidation" also its checkpoint and the whole state its ranks gather (t
 
 CASES.json: [{"name": N, "overrides": ["parallel.ep=2", ...], "consolidation": false,
 "checkpoint_dir": null, "compile_backend": "inductor", "sampling": true}, ...]; each case writes OUT_DIR/N.pt
-(compile_backend: of train.compile; sampling: from the EMA, after the steps). Each case gets DeepSpeed expert groups of its own layout (DeepSpeed caches them per process by
-EP size only); a tensor-parallel case goes last (its megatron-core groups stay).
+(compile_backend: of train.compile; sampling: from the EMA, after the steps). Each case gets DeepSpeed expert
+groups of its own layout (DeepSpeed caches them per process by EP size only); a tensor-parallel case goes last
+(its megatron-core groups stay).
 """
 import argparse
 import gc
@@ -83,6 +84,7 @@ def save_and_reload(trainer, directory: str) -> list[str]:
 
 
 def sample(ema_model, trainer, config):
+    """Samples of 8 fixed noises and labels in the config's sampler steps, and their inference C_avg."""
     for layer in ema_model.moe_layers():  # mid-range thresholds: experts take different token counts
         layer.thresholds.fill_(0.5)
     labels = torch.arange(8) % config.model.num_classes
