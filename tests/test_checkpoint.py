@@ -338,6 +338,19 @@ def test_two_data_parallel_ranks_write_the_state_once(runtime, straight_ep2, tmp
     assert written(straight_ep2) <= 1.05 * written(one)
 
 
+def test_a_write_that_fails_keeps_the_old_file_and_leaves_no_temporary_one(tmp_path):
+    path = tmp_path / "state.pt"
+    checkpoint.atomic_torch_save({"step": 1}, path)
+
+    def full_disk(file):
+        file.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint._atomic_write(path, full_disk)
+    assert torch.load(path)["step"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
+
+
 def test_flipped_byte_and_missing_manifest_make_a_checkpoint_unusable(tmp_path):
     older, newer = write_fake_checkpoint(tmp_path, 8), write_fake_checkpoint(tmp_path, 16)
     write_fake_checkpoint(tmp_path, 24, complete=False)  # died while saving

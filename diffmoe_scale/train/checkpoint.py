@@ -61,13 +61,18 @@ def _is_main() -> bool:
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file and rename it, so `path` is always either old or whole."""
+    """Write through a temporary file and rename it, so `path` is always either old or whole; a write that
+    fails (a full disk) leaves no temporary file behind."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
